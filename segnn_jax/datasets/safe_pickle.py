@@ -1,0 +1,324 @@
+"""Restricted unpickling of torch / torch_geometric objects into NumPy, without torch.
+
+The legacy OC20 LMDB files store pickled ``torch_geometric.data.Data`` objects
+whose tensors are serialised in torch's legacy (non-zip) format. A plain
+``pickle.load`` would run whatever callable the file names, so this module uses
+an :class:`pickle.Unpickler` whose ``find_class`` resolves only an explicit
+allow-list of reconstruction functions, each mapped to a NumPy implementation
+written here. Anything else raises :class:`UnsafePickleError` before it can be
+called, and torch's persistent-id mechanism is refused outside the tensor
+blobs, where it is parsed by hand.
+
+Supported objects: ``torch._utils._rebuild_tensor`` / ``_rebuild_tensor_v2``
+over ``torch.storage._load_from_bytes`` blobs (legacy torch format with
+``torch.<Type>Storage`` storages, views included), ``torch.Size``,
+``collections.OrderedDict`` and the ``torch_geometric`` ``Data`` /
+``DataEdgeAttr`` / ``DataTensorAttr`` / ``GlobalStorage`` classes of PyG 1.x
+and 2.x.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "UnsafePickleError",
+    "MalformedPickleError",
+    "PickledObject",
+    "safe_loads",
+    "pyg_data_to_dict",
+]
+
+# torch's legacy serialisation header (torch/serialization.py).
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "UntypedStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class UnsafePickleError(ValueError):
+    """Raised when a pickle refers to a callable outside the allow-list."""
+
+
+class MalformedPickleError(ValueError):
+    """Raised when a pickle or an embedded torch tensor blob is corrupt or unsupported."""
+
+
+class PickledObject:
+    """Inert stand-in for an allowed class (PyG ``Data``, ``GlobalStorage``, ...).
+
+    Instances only record the state the pickle gives them; they have no behaviour.
+
+    Attributes:
+        qualname: "module.name" of the class the pickle referred to.
+        state: the state dict passed to ``__setstate__`` (empty if none).
+    """
+
+    qualname = "object"
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]  # (dict_state, slot_state) form with no slots
+        if not isinstance(state, dict):
+            raise MalformedPickleError(f"{self.qualname}: expected a dict state, got {type(state).__name__}")
+        self.state = dict(state)
+
+    def __repr__(self) -> str:
+        return f"PickledObject({self.qualname}, keys={sorted(self.state)})"
+
+
+def _make_class(qualname: str) -> type:
+    # One distinct subclass per allowed name so that pyg_data_to_dict can tell them apart.
+    return type(qualname.rsplit(".", 1)[1], (PickledObject,), {"qualname": qualname})
+
+
+_PYG_CLASSES = {
+    ("torch_geometric.data.data", "Data"): _make_class("torch_geometric.data.data.Data"),
+    ("torch_geometric.data.data", "DataEdgeAttr"): _make_class("torch_geometric.data.data.DataEdgeAttr"),
+    ("torch_geometric.data.data", "DataTensorAttr"): _make_class("torch_geometric.data.data.DataTensorAttr"),
+    ("torch_geometric.data.storage", "GlobalStorage"): _make_class(
+        "torch_geometric.data.storage.GlobalStorage"
+    ),
+}
+
+
+class _StorageType:
+    """Marker for ``torch.<Type>Storage`` inside a legacy tensor blob."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global and every persistent id."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafePickleError(f"refusing to load global {module}.{name!s} from a pickle")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"refusing persistent id {pid!r} in a pickle")
+
+
+class _LegacyStorageUnpickler(_NoGlobalsUnpickler):
+    """Reads the object record of a legacy torch blob; storages become placeholders."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.storages: dict[str, tuple[np.dtype, int]] = {}
+        self.views: list[tuple[str, str, int, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise UnsafePickleError(f"unexpected persistent id {pid!r} in a torch tensor blob")
+        storage_type, key, _location, numel = pid[1:5]
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or numel < 0:
+            raise MalformedPickleError(f"malformed storage record {pid!r}")
+        key = str(key)
+        self.storages.setdefault(key, (storage_type.dtype, numel))
+        if view is None:
+            return ("storage", key)
+        view_key, offset, size = view
+        view_key = str(view_key)
+        self.views.append((view_key, key, int(offset), int(size)))
+        return ("storage", view_key)
+
+
+def _load_from_bytes(blob: bytes) -> np.ndarray:
+    """NumPy version of ``torch.storage._load_from_bytes`` for the legacy format.
+
+    Layout: pickled magic number, protocol version, sys-info dict, the storage
+    record (persistent ids), the list of storage keys, then for each key an
+    int64 element count followed by the raw elements.
+
+    Returns:
+        [numel] 1-D array of the storage's dtype.
+    """
+    if not isinstance(blob, (bytes, bytearray)):
+        raise MalformedPickleError(f"_load_from_bytes expects bytes, got {type(blob).__name__}")
+    f = io.BytesIO(blob)
+    try:
+        if _NoGlobalsUnpickler(f).load() != _LEGACY_MAGIC_NUMBER:
+            raise MalformedPickleError(
+                "tensor blob is not in torch's legacy format (zip-format blobs are not supported)"
+            )
+        if _NoGlobalsUnpickler(f).load() != _LEGACY_PROTOCOL_VERSION:
+            raise MalformedPickleError("unsupported legacy torch protocol version")
+        sys_info = _NoGlobalsUnpickler(f).load()
+        record_unpickler = _LegacyStorageUnpickler(f)
+        result = record_unpickler.load()
+        keys = _NoGlobalsUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
+        if isinstance(err, (UnsafePickleError, MalformedPickleError)):
+            raise
+        raise MalformedPickleError(f"corrupt legacy torch tensor blob: {err}") from err
+    byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+    arrays: dict[str, np.ndarray] = {}
+    for key in keys:
+        key = str(key)
+        if key not in record_unpickler.storages:
+            raise MalformedPickleError(f"storage key {key!r} listed but not declared in the blob")
+        dtype, numel = record_unpickler.storages[key]
+        header = f.read(8)
+        if len(header) != 8:
+            raise MalformedPickleError("truncated legacy torch tensor blob (storage header)")
+        stored = int(np.frombuffer(header, dtype=byteorder + "i8")[0])
+        if stored != numel:
+            raise MalformedPickleError(f"storage {key!r} declares {numel} elements but holds {stored}")
+        dtype = dtype.newbyteorder(byteorder) if dtype.itemsize > 1 else dtype
+        raw = f.read(numel * dtype.itemsize)
+        if len(raw) != numel * dtype.itemsize:
+            raise MalformedPickleError(f"truncated legacy torch tensor blob (storage {key!r})")
+        arrays[key] = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+    for view_key, root_key, offset, size in record_unpickler.views:
+        root = arrays.get(root_key)
+        if root is None or offset < 0 or size < 0 or offset + size > root.size:
+            raise MalformedPickleError(f"storage view {view_key!r} out of bounds of {root_key!r}")
+        arrays[view_key] = root[offset : offset + size]
+    if not (isinstance(result, tuple) and len(result) == 2 and result[0] == "storage"):
+        raise MalformedPickleError("legacy torch blob does not hold a single storage")
+    if result[1] not in arrays:
+        raise MalformedPickleError(f"storage {result[1]!r} has no data in the blob")
+    return arrays[result[1]]
+
+
+def _rebuild_tensor_v2(
+    storage: np.ndarray,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> np.ndarray:
+    """NumPy version of ``torch._utils._rebuild_tensor_v2`` (bounds-checked copy)."""
+    del requires_grad, backward_hooks, metadata  # autograd state has no meaning here
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise MalformedPickleError("tensor storage is not a storage blob")
+    try:
+        size = tuple(int(s) for s in size)
+        stride = tuple(int(s) for s in stride)
+        storage_offset = int(storage_offset)
+    except (TypeError, ValueError) as err:
+        raise MalformedPickleError(f"malformed tensor geometry: {err}") from err
+    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise MalformedPickleError(f"malformed tensor geometry size={size} stride={stride}")
+    if storage_offset < 0:
+        raise MalformedPickleError(f"negative storage offset {storage_offset}")
+    if 0 in size:
+        return np.zeros(size, dtype=storage.dtype)
+    # as_strided does no bounds checking, so check that the last element lies inside the storage.
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= storage.size:
+        raise MalformedPickleError(
+            f"tensor of size {size} stride {stride} offset {storage_offset} exceeds its storage of {storage.size}"
+        )
+    base = storage[storage_offset:]
+    view = np.lib.stride_tricks.as_strided(
+        base, shape=size, strides=tuple(s * storage.itemsize for s in stride), writeable=False
+    )
+    return np.array(view)
+
+
+def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size: tuple, stride: tuple) -> np.ndarray:
+    """NumPy version of the older ``torch._utils._rebuild_tensor``."""
+    return _rebuild_tensor_v2(storage, storage_offset, size, stride)
+
+
+def _torch_size(*args: Any) -> tuple[int, ...]:
+    return tuple(*args)
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
+    ("torch", "Size"): _torch_size,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **_PYG_CLASSES,
+}
+
+
+class _RestrictedUnpickler(_NoGlobalsUnpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to load global {module}.{name} from a pickle: only torch tensor and "
+                "torch_geometric Data reconstruction is allowed"
+            ) from None
+
+
+def safe_loads(data: bytes) -> Any:
+    """Unpickle torch / torch_geometric objects into NumPy without running foreign code.
+
+    Args:
+        data: the pickle bytes.
+
+    Returns:
+        The object with tensors as NumPy arrays and PyG objects as
+        :class:`PickledObject` instances.
+
+    Raises:
+        UnsafePickleError: the pickle names a callable outside the allow-list.
+        MalformedPickleError: the pickle or a tensor blob inside it is corrupt.
+    """
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except (UnsafePickleError, MalformedPickleError):
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError) as err:
+        raise MalformedPickleError(f"corrupt pickle: {type(err).__name__}: {err}") from err
+
+
+def pyg_data_to_dict(obj: Any) -> dict[str, Any]:
+    """Fields of an unpickled PyG ``Data`` (PyG 2.x ``_store`` or PyG 1.x ``__dict__`` layout).
+
+    Args:
+        obj: result of :func:`safe_loads` on a pickled ``Data``.
+
+    Returns:
+        Mapping from field name to value (NumPy array or Python scalar);
+        ``None`` fields of PyG 1.x objects are dropped.
+
+    Raises:
+        MalformedPickleError: ``obj`` is not a PyG ``Data``.
+    """
+    if not isinstance(obj, _PYG_CLASSES[("torch_geometric.data.data", "Data")]):
+        raise MalformedPickleError(f"expected a torch_geometric Data object, got {obj!r}")
+    store = obj.state.get("_store")
+    if store is not None:
+        if not isinstance(store, _PYG_CLASSES[("torch_geometric.data.storage", "GlobalStorage")]):
+            raise MalformedPickleError(f"Data._store is not a GlobalStorage: {store!r}")
+        mapping = store.state.get("_mapping")
+        if not isinstance(mapping, dict):
+            raise MalformedPickleError("GlobalStorage has no _mapping dict")
+        return dict(mapping)
+    return {k: v for k, v in obj.state.items() if not k.startswith("_") and v is not None}
