@@ -249,15 +249,16 @@ def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """A small fixed-width table: one row per split, one column per metric.
 
     >>> print(summary_table({"val": {"loss": 0.5}, "test": {"loss": 0.25}}))
-    split        loss
-    val       0.50000
-    test      0.25000
+    split       loss
+    val      0.50000
+    test     0.25000
     """
     columns = sorted({k for r in rows.values() for k in r})
     width = max([10] + [len(c) + 2 for c in columns])
-    lines = ["split".ljust(6) + "".join(c.rjust(width) for c in columns)]
+    first = max([6] + [len(s) + 1 for s in rows])
+    lines = ["split".ljust(first) + "".join(c.rjust(width) for c in columns)]
     for split, values in rows.items():
         cells = "".join((f"{values[c]:.5g}" if c == "count" else f"{values[c]:.5f}").rjust(width)
                         if c in values else "-".rjust(width) for c in columns)
-        lines.append(split.ljust(6) + cells)
+        lines.append(split.ljust(first) + cells)
     return "\n".join(lines)
