@@ -6,9 +6,10 @@ their Cartesian image shifts under ``"shifts"``) and whose ``globals`` is a dict
 the sources j and ``receivers`` the destinations i of the messages m_ij, so the relative vector of an
 edge is ``positions[senders] - positions[receivers]`` (plus the shift of a periodic edge).
 
-Padding follows jraph's convention: the padding nodes and edges belong to extra graphs at the end of
-the batch, and padding edges are self-loops on the first padding node. Every model reduction and every
-loss must therefore use :func:`node_mask`, :func:`edge_mask` or :func:`graph_mask`.
+Padding follows jraph's layout: the padding nodes and edges belong to extra graphs at the end of
+the batch, and padding edges are self-loops on the first padding node. :func:`pad_graph` records
+which graphs are real in ``globals["graph_mask"]`` (a graph without that entry is all real). Every
+model reduction and every loss must therefore use :func:`node_mask`, :func:`edge_mask` or :func:`graph_mask`.
 
 Shape letters: N nodes, E edges, G graphs.
 """
@@ -243,11 +244,16 @@ def _graph_sizes(graph: jraph.GraphsTuple) -> Tuple[int, int, int]:
     return int(np.sum(graph.n_node)), int(np.sum(graph.n_edge)), int(len(graph.n_node))
 
 
+GRAPH_MASK_KEY = "graph_mask"
+
+
 def pad_graph(graph: jraph.GraphsTuple, n_node: int, n_edge: int, n_graph: int) -> jraph.GraphsTuple:
     """Pads a (batched) graph to exactly ``n_node`` nodes, ``n_edge`` edges and ``n_graph`` graphs.
 
     At least one padding graph is always added, so ``n_graph`` must exceed the number of real graphs
-    and ``n_node`` the number of real nodes (the padding edges need a padding node to sit on).
+    and ``n_node`` the number of real nodes (the padding edges need a padding node to sit on). The
+    padded graph records which graphs are real in ``globals["graph_mask"]``, so that real graphs
+    without nodes stay distinguishable from padding.
 
     Raises:
         PaddingBudgetError: the graph does not fit; the message names the budget that is too small.
@@ -262,31 +268,60 @@ def pad_graph(graph: jraph.GraphsTuple, n_node: int, n_edge: int, n_graph: int) 
         problems.append(f"n_graph budget {n_graph} < {graphs} real graphs + 1 padding graph")
     if problems:
         raise PaddingBudgetError("graph does not fit the padding budget: " + "; ".join(problems))
-    return jraph.pad_with_graphs(graph, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
+    real = np.asarray(graph_mask(graph))
+    globals_ = dict(graph.globals) if isinstance(graph.globals, dict) else {}
+    globals_.pop(GRAPH_MASK_KEY, None)
+    padded = jraph.pad_with_graphs(graph._replace(globals=globals_), n_node=n_node, n_edge=n_edge,
+                                   n_graph=n_graph)
+    mask = np.zeros((n_graph,), bool)
+    mask[:graphs] = real
+    return padded._replace(globals={**padded.globals, GRAPH_MASK_KEY: mask})
 
 
 def graph_mask(graph: jraph.GraphsTuple) -> jnp.ndarray:
-    """``[G]`` bool, True for real graphs, False for the padding graphs at the end."""
-    return jraph.get_graph_padding_mask(graph)
+    """``[G]`` bool, True for real graphs: ``globals["graph_mask"]`` if padded, else all True."""
+    if isinstance(graph.globals, dict) and GRAPH_MASK_KEY in graph.globals:
+        return graph.globals[GRAPH_MASK_KEY]
+    return jnp.ones(graph.n_node.shape, bool)
 
 
-def node_mask(graph: jraph.GraphsTuple) -> jnp.ndarray:
+def node_mask(graph: jraph.GraphsTuple, n_nodes: Optional[int] = None) -> jnp.ndarray:
     """``[N]`` bool, True for nodes of real graphs."""
-    return jraph.get_node_padding_mask(graph)
+    return jnp.asarray(graph_mask(graph))[node_graph_index(graph, n_nodes)]
 
 
 def edge_mask(graph: jraph.GraphsTuple) -> jnp.ndarray:
     """``[E]`` bool, True for edges of real graphs."""
-    return jraph.get_edge_padding_mask(graph)
+    n_edges = graph.senders.shape[0]
+    index = jnp.repeat(jnp.arange(graph.n_edge.shape[0]), graph.n_edge, total_repeat_length=n_edges)
+    return jnp.asarray(graph_mask(graph))[index]
 
 
-def node_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
-    """``[N]`` int, the graph each node belongs to (works under ``jit``: shapes are static)."""
+def node_graph_index(graph: jraph.GraphsTuple, n_nodes: Optional[int] = None) -> jnp.ndarray:
+    """``[N]`` int, the graph each node belongs to (works under ``jit``: shapes are static).
+
+    Args:
+        graph: the graph.
+        n_nodes: N, if ``graph.nodes`` holds no arrays to read it from.
+    """
     n_graph = graph.n_node.shape[0]
-    n_nodes = jax.tree_util.tree_leaves(graph.nodes)[0].shape[0]
+    if n_nodes is None:
+        n_nodes = jax.tree_util.tree_leaves(graph.nodes)[0].shape[0]
     return jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_nodes)
 
 
 def unpad_graph(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
     """Removes the padding added by :func:`pad_graph` (host side)."""
-    return jraph.unpad_with_graphs(graph)
+    real = np.asarray(graph_mask(graph))
+    n_graphs = int(real.sum())
+    if not real[:n_graphs].all():
+        raise ValueError("padding graphs must come after the real graphs")
+    n_nodes = int(np.sum(graph.n_node[:n_graphs]))
+    n_edges = int(np.sum(graph.n_edge[:n_graphs]))
+    take = lambda tree, n: jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], tree)
+    globals_ = {k: v for k, v in (graph.globals or {}).items() if k != GRAPH_MASK_KEY}
+    return jraph.GraphsTuple(
+        nodes=take(graph.nodes, n_nodes), edges=take(graph.edges, n_edges),
+        senders=np.asarray(graph.senders)[:n_edges], receivers=np.asarray(graph.receivers)[:n_edges],
+        n_node=np.asarray(graph.n_node)[:n_graphs], n_edge=np.asarray(graph.n_edge)[:n_graphs],
+        globals=take(globals_, n_graphs))

@@ -198,7 +198,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return jax.grad(objective, has_aux=True)(params)
 
     def update(state: TrainState, grads, loss_sum, sums, new_model_state):
-        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

@@ -1,0 +1,71 @@
+"""segnn_jax: Steerable E(3) Equivariant Graph Neural Networks in JAX, Haiku and e3nn-jax."""
+
+from segnn_jax.attributes import (
+    SteerableGraphsTuple,
+    edge_attributes,
+    edge_vectors,
+    node_attributes,
+    pair_products,
+    safe_norm,
+)
+from segnn_jax.graph import (
+    InvalidPositionsError,
+    PaddingBudgetError,
+    batch_graphs,
+    edge_mask,
+    fully_connected_edges,
+    graph_mask,
+    knn_graph_edges,
+    make_graph,
+    node_graph_index,
+    node_mask,
+    pad_graph,
+    radius_graph_edges,
+    unbatch_graphs,
+    unpad_graph,
+    validate_positions,
+)
+from segnn_jax.irreps import balanced_irreps, count_tensor_product_weights, weight_balanced_irreps
+from segnn_jax.layers import O3TensorProduct, O3TensorProductGate, gate, gate_irreps
+from segnn_jax.norm import BatchNorm, InstanceNorm
+from segnn_jax.segnn import SEGNN, SEConv, SEConvLayer, SEGNNLayer, pool_nodes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "InstanceNorm",
+    "InvalidPositionsError",
+    "O3TensorProduct",
+    "O3TensorProductGate",
+    "PaddingBudgetError",
+    "SEConv",
+    "SEConvLayer",
+    "SEGNN",
+    "SEGNNLayer",
+    "SteerableGraphsTuple",
+    "balanced_irreps",
+    "batch_graphs",
+    "count_tensor_product_weights",
+    "edge_attributes",
+    "edge_mask",
+    "edge_vectors",
+    "fully_connected_edges",
+    "gate",
+    "gate_irreps",
+    "graph_mask",
+    "knn_graph_edges",
+    "make_graph",
+    "node_attributes",
+    "node_graph_index",
+    "node_mask",
+    "pad_graph",
+    "pair_products",
+    "pool_nodes",
+    "radius_graph_edges",
+    "safe_norm",
+    "unbatch_graphs",
+    "unpad_graph",
+    "validate_positions",
+    "weight_balanced_irreps",
+]

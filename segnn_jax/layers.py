@@ -1,0 +1,169 @@
+"""Haiku modules for SEGNN's steerable layers: thin wrappers over :mod:`segnn_jax.tensor_product`.
+
+Shape letters: ``...`` leading axes (nodes or edges).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from segnn_jax import tensor_product as tp
+
+__all__ = ["O3TensorProduct", "O3TensorProductGate", "gate", "gate_irreps"]
+
+Inputs = Union[tp.Segment, Sequence[tp.Segment]]
+
+
+def _as_segments(x1: Inputs) -> list:
+    if isinstance(x1, (e3nn.IrrepsArray, tuple)):
+        return [x1]
+    return list(x1)
+
+
+def _segment_irreps(segment: tp.Segment) -> e3nn.Irreps:
+    array = segment[0] if isinstance(segment, tuple) else segment
+    if not isinstance(array, e3nn.IrrepsArray):
+        raise TypeError(f"inputs must be e3nn.IrrepsArray, got {type(array).__name__}")
+    return array.irreps
+
+
+class O3TensorProduct(hk.Module):
+    """Weighted Clebsch-Gordan tensor product ``x1 x x2 -> irreps_out`` plus scalar biases.
+
+    With ``x2=None`` the second input is the constant ``1x0e`` and the layer is an equivariant
+    linear map. ``x1`` may be a list of segments, read as their concatenation; a segment given as
+    ``(array, index)`` stands for ``array[index]`` and is mixed before it is gathered.
+
+    Args:
+        irreps_out: output irreps.
+        biases: one learnable bias per ``0e`` output channel (none on other irreps: it would break
+            equivariance).
+        weight_init: ``"reference"`` (the SEGNN reference's scale) or ``"unit"`` (unit second
+            moment at initialisation); see :func:`segnn_jax.tensor_product.init_bound`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = hk.transform(lambda x, a: O3TensorProduct("4x0e+2x1o")(x, a))
+    >>> x = e3nn.normal("3x0e+1x1o", jax.random.PRNGKey(0), (5,))
+    >>> a = e3nn.spherical_harmonics(1, jnp.ones((5, 3)), normalize=True)
+    >>> params = f.init(jax.random.PRNGKey(1), x, a)
+    >>> f.apply(params, None, x, a).irreps
+    4x0e+2x1o
+    """
+
+    def __init__(self, irreps_out, *, biases: bool = True, weight_init: str = "reference",
+                 name: Optional[str] = None):
+        super().__init__(name=name)
+        self.irreps_out = e3nn.Irreps(irreps_out)
+        self.biases = biases
+        self.weight_init = weight_init
+
+    def __call__(self, x1: Inputs, x2: Optional[e3nn.IrrepsArray] = None) -> e3nn.IrrepsArray:
+        segments = _as_segments(x1)
+        spec = tp.make_spec([_segment_irreps(s) for s in segments],
+                            None if x2 is None else x2.irreps, self.irreps_out)
+        dtype = _segment_dtype(segments[0])
+        bounds = tp.init_bound(spec, self.weight_init)
+        weights = [
+            hk.get_parameter(spec.path_name(n), shape, dtype,
+                             hk.initializers.RandomUniform(-bound, bound))
+            for n, (shape, bound) in enumerate(zip(spec.weight_shapes, bounds))
+        ]
+        out = tp.tensor_product(spec, weights, segments, x2)
+        if self.biases:
+            out = _add_scalar_biases(out, dtype)
+        return out
+
+
+def _segment_dtype(segment: tp.Segment):
+    array = segment[0] if isinstance(segment, tuple) else segment
+    return array.dtype
+
+
+def _add_scalar_biases(x: e3nn.IrrepsArray, dtype) -> e3nn.IrrepsArray:
+    n_scalars = sum(mul for mul, ir in x.irreps if ir == e3nn.Irrep("0e"))
+    if n_scalars == 0:
+        return x
+    bias = hk.get_parameter("b", (n_scalars,), dtype, hk.initializers.Constant(0.0))
+    x = e3nn.IrrepsArray(x.irreps, x.array)  # dense: no zero-flagged chunks
+    chunks, used = [], 0
+    for (mul, ir), chunk in zip(x.irreps, x.chunks):
+        if ir == e3nn.Irrep("0e"):
+            chunk = chunk + bias[used:used + mul, None]
+            used += mul
+        chunks.append(chunk)
+    return e3nn.from_chunks(x.irreps, chunks, x.shape[:-1], x.dtype)
+
+
+def gate_irreps(irreps_out) -> e3nn.Irreps:
+    """Irreps a gated layer must produce for ``irreps_out``: scalars, one gate per other irrep, rest.
+
+    >>> gate_irreps("32x0e+32x1o")
+    64x0e+32x1o
+    """
+    irreps_out = e3nn.Irreps(irreps_out).regroup()
+    scalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir == e3nn.Irrep("0e")])
+    gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
+    return (scalars + e3nn.Irreps(f"{gated.num_irreps}x0e") + gated).simplify()
+
+
+def gate(x: e3nn.IrrepsArray, irreps_out) -> e3nn.IrrepsArray:
+    """SiLU on the scalars, and each other irrep times sigmoid of its own gate scalar.
+
+    ``irreps_out`` is taken regrouped (scalars first).
+
+    Args:
+        x: ``[..., gate_irreps(irreps_out).dim]``: scalars, then gates, then the gated irreps.
+        irreps_out: the irreps after gating.
+
+    Returns:
+        ``[..., irreps_out.dim]``.
+    """
+    irreps_out = e3nn.Irreps(irreps_out).regroup()
+    if x.irreps != gate_irreps(irreps_out):
+        raise ValueError(f"gate expects {gate_irreps(irreps_out)} for {irreps_out}, got {x.irreps}")
+    n_scalars = sum(mul for mul, ir in irreps_out if ir == e3nn.Irrep("0e"))
+    gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
+    n_gates = gated.num_irreps
+    scalars = jax.nn.silu(x.array[..., :n_scalars])
+    gates = jax.nn.sigmoid(x.array[..., n_scalars:n_scalars + n_gates])
+    rest = x.array[..., n_scalars + n_gates:]
+    pieces, start, g = [scalars], 0, 0
+    for mul, ir in gated:
+        block = rest[..., start:start + mul * ir.dim].reshape(rest.shape[:-1] + (mul, ir.dim))
+        block = block * gates[..., g:g + mul, None]
+        pieces.append(block.reshape(rest.shape[:-1] + (mul * ir.dim,)))
+        start += mul * ir.dim
+        g += mul
+    # Output order: scalars first, then the gated irreps, as in irreps_out after regroup().
+    return e3nn.IrrepsArray(
+        e3nn.Irreps(f"{n_scalars}x0e") + gated, jnp.concatenate(pieces, axis=-1)
+    ).simplify()
+
+
+class O3TensorProductGate(hk.Module):
+    """:class:`O3TensorProduct` to ``gate_irreps(irreps_out)``, followed by :func:`gate`.
+
+    If ``irreps_out`` holds only scalars this is the tensor product followed by SiLU.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = hk.transform(lambda x, a: O3TensorProductGate("4x0e+2x1o")(x, a))
+    >>> x = e3nn.normal("3x0e+1x1o", jax.random.PRNGKey(0), (5,))
+    >>> a = e3nn.spherical_harmonics(1, jnp.ones((5, 3)), normalize=True)
+    >>> f.apply(f.init(jax.random.PRNGKey(1), x, a), None, x, a).irreps
+    4x0e+2x1o
+    """
+
+    def __init__(self, irreps_out, *, biases: bool = True, weight_init: str = "reference",
+                 name: Optional[str] = None):
+        super().__init__(name=name)
+        self.irreps_out = e3nn.Irreps(irreps_out).regroup()
+        self.product = O3TensorProduct(gate_irreps(self.irreps_out), biases=biases,
+                                       weight_init=weight_init, name="tensor_product")
+
+    def __call__(self, x1: Inputs, x2: Optional[e3nn.IrrepsArray] = None) -> e3nn.IrrepsArray:
+        return gate(self.product(x1, x2), self.irreps_out)
