@@ -41,13 +41,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from segnn_jax.batching import prefetch
 from segnn_jax.training.checkpoint import CheckpointManager
 from segnn_jax.training.config import validate_train_config
 from segnn_jax.training.optim import make_optimizer
 from segnn_jax.training.run import (RunDirectory, count_parameters, plot_learning_curves,
                                     read_metrics, summary_table)
 from segnn_jax.training.step import (TrainState, init_train_state, make_eval_step, make_train_step,
-                                     metrics_from_sums)
+                                     metrics_from_sums, shard_batch)
 
 __all__ = ["FitResult", "NonFiniteLossError", "evaluate", "fit"]
 
@@ -174,6 +175,10 @@ def evaluate(eval_step: Callable, params: Any, model_state: Any, data: Any, *,
     if total is None:
         raise ValueError("evaluation data yielded no batch")
     return metrics_from_sums(jax.device_get(total))
+
+
+def _to_device(batch: Any, mesh: Optional[Mesh]) -> Any:
+    return jax.device_put(batch) if mesh is None else shard_batch(batch, mesh)
 
 
 def _replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
@@ -325,19 +330,23 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     try:
         for epoch in range(start_epoch, num_epochs):
             skip = start_batch if epoch == start_epoch else 0
-            for i, batch in enumerate(_epoch_iter(train_data, epoch, skip), start=skip):
-                state, sums = compile_log.call("train_step", train_step, batch, state, batch)
-                step += 1
-                pending.append((step, epoch, sums))
-                window["graphs"] += _real_graphs(batch) or 0
-                if bar is not None:
-                    bar.update(1)
-                if step % log_every == 0:
-                    flush(epoch)
-                every = int(cfg["checkpoint_every_steps"])
-                if every and step % every == 0:
-                    flush(epoch)
-                    save(epoch, i + 1, None)
+            # The host packs and transfers the next batches while the device computes.
+            batches = prefetch(((_real_graphs(b), b) for b in _epoch_iter(train_data, epoch, skip)),
+                               size=2, transfer=lambda item: (item[0], _to_device(item[1], mesh)))
+            with batches:
+                for i, (n_graphs, batch) in enumerate(batches, start=skip):
+                    state, sums = compile_log.call("train_step", train_step, batch, state, batch)
+                    step += 1
+                    pending.append((step, epoch, sums))
+                    window["graphs"] += n_graphs or 0
+                    if bar is not None:
+                        bar.update(1)
+                    if step % log_every == 0:
+                        flush(epoch)
+                    every = int(cfg["checkpoint_every_steps"])
+                    if every and step % every == 0:
+                        flush(epoch)
+                        save(epoch, i + 1, None)
             flush(epoch)
             best_metric = None
             is_eval = (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 == num_epochs
