@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segnn_jax.graph import batch_graphs, fully_connected_edges, graph_mask, make_graph, node_graph_index, pad_graph
+from segnn_jax.graph import (batch_graphs, fully_connected_edges, graph_mask, make_graph,
+                             node_graph_index, pad_graph)
 from segnn_jax.training import (TrainState, data_mesh, init_train_state, make_eval_step,
                                 make_optimizer, make_train_step, metrics_from_sums, stack_batches)
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The tiny model and task below are also written into the multi-device subprocess script.
-MODEL_SOURCE = '''
+# The tiny model and task; the multi-device subprocess imports them from this file.
 def tiny_graphs(n, seed):
     rng = np.random.default_rng(seed)
     graphs = []
@@ -52,8 +52,6 @@ def loss_fn(params, model_state, graph, rng, is_training):
     sums = {"count": jnp.sum(mask).astype(jnp.float32),
             "abs_error_sum": jnp.sum(jnp.where(mask, jnp.abs(err), 0.0))}
     return jnp.sum(jnp.where(mask, err ** 2, 0.0)), (sums, model_state)
-'''
-exec(MODEL_SOURCE)
 
 
 def _opt():
@@ -144,14 +142,17 @@ def test_metrics_from_sums_uses_own_counts():
 
 MULTI_DEVICE_SCRIPT = '''
 import json
-import haiku as hk
+import sys
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-from segnn_jax.graph import batch_graphs, fully_connected_edges, graph_mask, make_graph, node_graph_index, pad_graph
+
+sys.path.insert(0, "tests")
+from test_training_step import MODEL, loss_fn, tiny_graphs
+from segnn_jax.graph import batch_graphs, pad_graph
 from segnn_jax.training import (data_mesh, init_train_state, make_optimizer, make_train_step,
                                 make_eval_step, metrics_from_sums, stack_batches)
-''' + MODEL_SOURCE + '''
+
 assert jax.device_count() == 4, jax.devices()
 # Unequal numbers of graphs per device: a mean of per-device means would differ from the true mean.
 sizes = [1, 2, 3, 6]
@@ -185,7 +186,7 @@ print("RESULT" + json.dumps(results))
 def test_four_devices_equal_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=REPO, check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))

@@ -1,4 +1,4 @@
-"""Checkpoints: orbax-checkpoint payloads, verified by a SHA-256 manifest, with latest/best retention.
+"""Checkpoints: orbax-checkpoint payloads, checked by a SHA-256 manifest, latest/best retention.
 
 Layout of a checkpoint directory::
 
@@ -53,7 +53,7 @@ class CorruptCheckpointError(CheckpointError):
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Writes ``text`` to ``path`` atomically: temporary file in the same directory, fsync, replace."""
+    """Writes ``text`` to ``path`` atomically: temporary file beside it, fsync, replace."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -116,7 +116,8 @@ class CheckpointManager:
 
     def __init__(self, directory: Union[str, Path], *, keep: int = 2):
         if keep < 2:
-            raise ValueError(f"keep must be >= 2 so that a corrupt checkpoint has a fallback, got {keep}")
+            raise ValueError(
+                f"keep must be >= 2 so that a corrupt checkpoint has a fallback, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self._is_writer = jax.process_index() == 0
@@ -159,7 +160,7 @@ class CheckpointManager:
         """Writes a checkpoint of ``state`` (any pytree of arrays) atomically.
 
         Args:
-            state: the pytree to save (e.g. a TrainState, replicated arrays are fetched to the host).
+            state: the pytree to save (e.g. a TrainState; arrays are fetched to the host).
             step: the optimiser step, names the checkpoint.
             loop_state: JSON-serialisable state of the training loop (epoch, position in the epoch,
                 best metric, ...), returned by the restore functions.
@@ -233,7 +234,8 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
             files, leaves = manifest["files"], manifest["leaves"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{manifest_path}: missing or unreadable manifest ({e})") from e
+            raise CorruptCheckpointError(
+                f"{manifest_path}: missing or unreadable manifest ({e})") from e
         if manifest.get("format") != _FORMAT:
             raise CheckpointError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
         for name, digest in files.items():

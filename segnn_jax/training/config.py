@@ -120,7 +120,8 @@ def validate_train_config(config: Any, *, name: str = "config.train") -> Dict[st
 
     Raises:
         ConfigError: unknown option, or an invalid value (non-positive learning rate or epoch count,
-            negative weight decay, unknown optimiser or schedule, decay fractions outside (0, 1], ...).
+            negative weight decay, unknown optimiser or schedule, decay fractions outside (0, 1],
+            ...).
     """
     config = to_dict(config) or {}
     check_known_options(config, TRAIN_DEFAULTS, name=name)
@@ -137,10 +138,12 @@ def validate_train_config(config: Any, *, name: str = "config.train") -> Dict[st
         raise ConfigError(f"{name}.ema_decay: must be in [0, 1), got {full['ema_decay']!r}")
     opt, oname = full["optimizer"], f"{name}.optimizer"
     if opt["optimizer"] not in ("adam", "adamw"):
-        raise ConfigError(f"{oname}.optimizer: expected 'adam' or 'adamw', got {opt['optimizer']!r}")
+        raise ConfigError(
+            f"{oname}.optimizer: expected 'adam' or 'adamw', got {opt['optimizer']!r}")
     if opt["schedule"] not in ("constant", "multistep", "cosine"):
         raise ConfigError(
-            f"{oname}.schedule: expected 'constant', 'multistep' or 'cosine', got {opt['schedule']!r}")
+            f"{oname}.schedule: expected 'constant', 'multistep' or 'cosine', "
+            f"got {opt['schedule']!r}")
     _positive(opt, "learning_rate", oname)
     _positive(opt, "grad_clip_norm", oname)
     for key in ("weight_decay", "min_learning_rate", "warmup_epochs", "eps"):

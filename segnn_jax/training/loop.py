@@ -12,8 +12,8 @@
 * writes the run directory (:class:`~segnn_jax.training.run.RunDirectory`) and checkpoints after
   every epoch (and every ``checkpoint_every_steps`` steps if set), keeping the latest and the best;
 * resumes exactly: the data order must be a pure function of ``(seed, epoch)`` and the loop state
-  (epoch, position in the epoch, step, best metric, metrics-file position) is in the checkpoint, so a
-  killed run continues with the batches, PRNG keys and step count it would have had;
+  (epoch, position in the epoch, step, best metric, metrics-file position) is in the checkpoint,
+  so a killed run continues with the batches, PRNG keys and step count it would have had;
 * stops on a non-finite training loss with :class:`NonFiniteLossError`, never saving a state that
   has seen it, so the last good checkpoint remains.
 
@@ -203,7 +203,8 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     """Trains a model and writes its run directory.
 
     Args:
-        init_fn: ``init(rng, batch) -> (params, model_state)`` (``hk.transform_with_state(...).init``).
+        init_fn: ``init(rng, batch) -> (params, model_state)``, e.g.
+            ``hk.transform_with_state(forward).init``.
         loss_fn: ``loss_fn(params, model_state, batch, rng, is_training) -> (loss_sum, (sums,
             new_model_state))``, see :mod:`segnn_jax.training.step`.
         train_data: training batches, see the module docstring; with a mesh every leaf is

@@ -7,10 +7,11 @@ The options (all in one flat section, see :data:`OPTIMIZER_DEFAULTS`):
   rescaled by Adam like any gradient); ``"adamw"`` is decoupled decay as PyTorch's ``AdamW``
   (``param -= lr * wd * param`` next to the Adam step).
 * ``learning_rate`` (> 0), ``weight_decay`` (>= 0), ``b1``, ``b2``, ``eps``.
-* ``schedule``: ``"constant"``; ``"multistep"``, which multiplies the rate by ``decay_factor`` at each
-  boundary, the boundaries given either as ``decay_epochs`` (absolute epochs, e.g. OC20's 10/14/18)
-  or as ``decay_fractions`` of the total number of steps (QM9's x0.1 at 80% and 90%); ``"cosine"``,
-  which decays from ``learning_rate`` to ``min_learning_rate`` over the steps after the warm-up.
+* ``schedule``: ``"constant"``; ``"multistep"``, which multiplies the rate by ``decay_factor`` at
+  each boundary, the boundaries given either as ``decay_epochs`` (absolute epochs, e.g. OC20's
+  10/14/18) or as ``decay_fractions`` of the total number of steps (QM9's x0.1 at 80% and 90%);
+  ``"cosine"``, which decays from ``learning_rate`` to ``min_learning_rate`` over the steps after
+  the warm-up.
 * ``warmup_epochs`` / ``warmup_steps``: linear warm-up, step s (0-based) uses
   ``(s + 1) / warmup_steps`` of the scheduled rate, so the first update is never a no-op.
 * ``grad_clip_norm``: clip the gradient by its global norm before anything else (before the L2 term,
@@ -150,7 +151,8 @@ def make_optimizer(config: Mapping[str, Any], *, total_steps: int,
         # PyTorch Adam(weight_decay): g <- g + wd * p, then the Adam moments; the order matters.
         if wd > 0:
             parts.append(optax.add_decayed_weights(wd))
-        parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)]
+        parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                  optax.scale_by_learning_rate(schedule)]
     else:
         parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd))
     return optax.chain(*parts), schedule

@@ -5,10 +5,10 @@ Layout::
     run_dir/
         config.json        the operative config (after overrides and defaults)
         run_info.json      versions, git revision, parameter count, data statistics, devices
-        metrics.jsonl      one JSON object per event: {"event": "train"|"eval"|..., "step", "epoch", ...}
+        metrics.jsonl      one JSON object per event: {"event": "train"|"eval"|..., "step", ...}
         learning_curves.png
         checkpoints/       see segnn_jax.training.checkpoint
-        tensorboard/       only if tensorboardX or TensorFlow is importable (silently skipped otherwise)
+        tensorboard/       only if tensorboardX or TensorFlow is importable (else skipped)
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class RunDirectory:
 
     def write_info(self, *, num_parameters: Optional[int] = None,
                    data_stats: Optional[Mapping[str, Any]] = None, **extra: Any) -> None:
-        """Writes ``run_info.json``: versions, git revision, devices, parameter count, data stats."""
+        """Writes ``run_info.json``: versions, git revision, devices, parameters, data stats."""
         info = {
             "versions": versions(),
             "git_revision": git_revision(),
@@ -181,7 +181,7 @@ class RunDirectory:
             self._tb.scalars(event, scalars, int(values["step"]))
 
     def truncate_metrics(self, n_lines: int) -> None:
-        """Keeps the first ``n_lines`` events (on resume, drops those logged after the checkpoint)."""
+        """Keeps the first ``n_lines`` events (on resume: drops those after the checkpoint)."""
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines(keepends=True)[:n_lines]

@@ -4,12 +4,13 @@ Model contract (any model, any task):
 
 * ``init(rng, batch) -> (params, model_state)``: the ``init`` of ``hk.transform_with_state``.
 * ``loss_fn(params, model_state, batch, rng, is_training) -> (loss_sum, (sums, new_model_state))``
-  where ``loss_sum`` is the **sum** of the per-item losses over the real (unpadded) items of the batch,
-  and ``sums`` a dict of scalars holding at least ``"count"``, the number of real items (graphs or
-  nodes) the loss averages over, plus any metric sums such as ``"abs_error_sum"``. The task masks the
-  padding inside ``loss_fn``; the engine only divides: the loss is (total ``loss_sum``) / (total
-  ``count``) over all devices, so padding never changes a number. A metric ``"X_sum"`` is reported
-  as ``X = X_sum / X_count`` if the task gives ``"X_count"``, else ``X_sum / count``.
+  where ``loss_sum`` is the **sum** of the per-item losses over the real (unpadded) items of the
+  batch, and ``sums`` a dict of scalars holding at least ``"count"``, the number of real items
+  (graphs or nodes) the loss averages over, plus any metric sums such as ``"abs_error_sum"``. The
+  task masks the padding inside ``loss_fn``; the engine only divides: the loss is
+  (total ``loss_sum``) / (total ``count``) over all devices, so padding never changes a number. A
+  metric ``"X_sum"`` is reported as ``X = X_sum / X_count`` if the task gives ``"X_count"``, else
+  ``X_sum / count``.
 
 Data parallelism uses ``jax.shard_map`` over a one-dimensional mesh with axis ``"data"``: the
 :class:`TrainState` is replicated, each device gets its own padded batch (the batch leaves carry a
@@ -55,7 +56,7 @@ _AXIS = "data"
 
 
 class TrainState(NamedTuple):
-    """Everything that changes during training; a pytree, so it passes through ``jit`` and checkpoints.
+    """Everything that changes during training; a pytree (passes through ``jit`` and checkpoints).
 
     Attributes:
         params: model parameters (Haiku params).
@@ -135,7 +136,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def metrics_from_sums(sums: Dict[str, Any]) -> Dict[str, float]:
-    """Host-side normalisation: ``X_sum / X_count`` (or ``/ count``); counts are reported as they are.
+    """Host-side normalisation: ``X_sum / X_count`` (or ``/ count``); counts are kept as they are.
 
     >>> metrics_from_sums({"loss_sum": 6.0, "count": 3.0, "abs_error_sum": 3.0})
     {'loss': 2.0, 'abs_error': 1.0, 'count': 3.0}
