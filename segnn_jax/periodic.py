@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from ase.neighborlist import primitive_neighbor_list
 
-__all__ = ["PeriodicGraphError", "PeriodicEdges", "periodic_radius_graph"]
+__all__ = ["PeriodicEdges", "PeriodicGraphError", "periodic_radius_graph"]
 
 
 class PeriodicGraphError(ValueError):
@@ -68,7 +68,9 @@ def _validate(
         # The legacy OC20 LMDB stores the cell with a leading batch axis.
         cell = cell[0]
     if cell.shape != (3, 3):
-        raise PeriodicGraphError(f"cell must have shape [3, 3] (rows = cell vectors), got {cell.shape}")
+        raise PeriodicGraphError(
+            f"cell must have shape [3, 3] (rows = cell vectors), got {cell.shape}"
+        )
     if not np.all(np.isfinite(cell)):
         raise PeriodicGraphError("cell contains non-finite values")
     pbc_arr = np.asarray(pbc)
@@ -81,9 +83,13 @@ def _validate(
     if not np.isfinite(cutoff) or cutoff <= 0.0:
         raise PeriodicGraphError(f"cutoff must be a positive finite number, got {cutoff}")
     periodic = cell[pbc_arr]
-    if len(periodic) and np.linalg.matrix_rank(periodic, tol=1e-8 * max(1.0, np.abs(cell).max())) < len(periodic):
+    if len(periodic) and np.linalg.matrix_rank(
+        periodic, tol=1e-8 * max(1.0, np.abs(cell).max())
+    ) < len(periodic):
         # A degenerate periodic vector would mean infinitely many images within the cutoff.
-        raise PeriodicGraphError(f"the periodic cell vectors {periodic.tolist()} are linearly dependent")
+        raise PeriodicGraphError(
+            f"the periodic cell vectors {periodic.tolist()} are linearly dependent"
+        )
     return positions, cell, pbc_arr, cutoff
 
 

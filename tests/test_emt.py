@@ -6,9 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("ase_db_backends", reason="ase-db-backends (segnn[oc20] extra) is not installed")
+pytest.importorskip(
+    "ase_db_backends", reason="ase-db-backends (segnn[oc20] extra) is not installed"
+)
+pytest.importorskip("threadpoolctl", reason="threadpoolctl (segnn[oc20] extra) is not installed")
 
-from segnn_jax.datasets.emt import (  # noqa: E402
+from segnn_jax.datasets.emt import (
     ADSORBATES,
     METALS,
     SITES,
@@ -18,7 +21,7 @@ from segnn_jax.datasets.emt import (  # noqa: E402
     generate_emt_dataset,
     sample_spec,
 )
-from segnn_jax.datasets.oc20 import read_oc20  # noqa: E402
+from segnn_jax.datasets.oc20 import read_oc20
 
 SEED = 3
 
@@ -26,22 +29,36 @@ SEED = 3
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     out = tmp_path_factory.mktemp("emt") / "full"
-    summary = generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False)
+    summary = generate_emt_dataset(
+        out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False
+    )
     return out, summary
 
 
 def _key(record):
-    return (record.sid, record.positions.tobytes(), record.pos_relaxed.tobytes(), record.y_relaxed, record.y_init)
+    return (
+        record.sid,
+        record.positions.tobytes(),
+        record.pos_relaxed.tobytes(),
+        record.y_relaxed,
+        record.y_init,
+    )
 
 
 def test_samples_are_oc20_style(generated):
     out, summary = generated
-    assert summary["generated"] == 3 and summary["skipped"] == 0 and summary["samples_per_minute"] > 0
+    assert (
+        summary["generated"] == 3 and summary["skipped"] == 0 and summary["samples_per_minute"] > 0
+    )
     records = read_oc20(out)
     assert [r.sid for r in records] == [0, 1, 2]
     for r in records:
         spec = sample_spec(SEED, r.sid)
-        assert (r.extras["metal"], r.extras["adsorbate"], r.extras["site"]) == (spec.metal, spec.adsorbate, spec.site)
+        assert (r.extras["metal"], r.extras["adsorbate"], r.extras["site"]) == (
+            spec.metal,
+            spec.adsorbate,
+            spec.site,
+        )
         assert r.extras["level_of_theory"] == "EMT"
         n_ads = int((r.tags == 2).sum())
         assert r.natoms == 27 + n_ads and (r.tags == 1).sum() == 9 and (r.tags == 0).sum() == 18
@@ -61,7 +78,9 @@ def test_samples_are_oc20_style(generated):
         symbols = {1: "H", 6: "C", 7: "N", 8: "O"}
         e_gas = sum(refs[symbols[z]] for z in r.atomic_numbers[r.tags == 2])
         assert r.extras["e_gas_reference"] == pytest.approx(e_gas)
-        assert r.y_relaxed == pytest.approx(r.extras["e_total_relaxed"] - r.extras["e_clean_slab"] - e_gas)
+        assert r.y_relaxed == pytest.approx(
+            r.extras["e_total_relaxed"] - r.extras["e_clean_slab"] - e_gas
+        )
         assert r.y_relaxed < r.y_init + 1e-9  # BFGS lowered the energy
         assert r.energy == pytest.approx(r.extras["traj_energies"][0])
         frames = r.extras["traj_frame_index"]
@@ -99,13 +118,17 @@ def test_resume_after_interruption_gives_the_same_set(generated, tmp_path):
     (out / "shard_00001.aselmdb").unlink()
     (out / "shard_00001.aselmdb.tmp").write_bytes(b"partial write")
     untouched = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.aselmdb")}
-    summary = generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False)
+    summary = generate_emt_dataset(
+        out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False
+    )
     assert summary["generated"] == 1 and summary["skipped"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_0000[02].aselmdb")} == untouched
     assert not list(out.glob("*.tmp*"))
     assert [_key(r) for r in read_oc20(out)] == [_key(r) for r in read_oc20(full)]
     # Nothing left to do on a complete directory.
-    again = generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False)
+    again = generate_emt_dataset(
+        out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False
+    )
     assert again["generated"] == 0
 
 
@@ -114,13 +137,16 @@ def test_resume_with_other_parameters_is_refused(generated, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(full, out)
     with pytest.raises(EMTDatasetError, match="different parameters"):
-        generate_emt_dataset(out, n_samples=3, seed=SEED + 1, n_workers=1, shard_size=1, progress=False)
+        generate_emt_dataset(
+            out, n_samples=3, seed=SEED + 1, n_workers=1, shard_size=1, progress=False
+        )
     manifest = json.loads((out / "emt_dataset.json").read_text())
     assert manifest["seed"] == SEED and "EMT" in manifest["calculator"]
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"layers": 2, "free_layers": 2}, {"size": (0, 3)}, {"fmax": 0.0}, {"stored_frames": 1}]
+    "kwargs",
+    [{"layers": 2, "free_layers": 2}, {"size": (0, 3)}, {"fmax": 0.0}, {"stored_frames": 1}],
 )
 def test_invalid_config(kwargs):
     with pytest.raises(EMTDatasetError):
@@ -136,6 +162,8 @@ def test_invalid_generation_arguments(tmp_path):
 def test_two_workers_give_the_same_set(generated, tmp_path):
     full, _ = generated
     out = tmp_path / "parallel"
-    summary = generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=2, shard_size=2, progress=False)
+    summary = generate_emt_dataset(
+        out, n_samples=3, seed=SEED, n_workers=2, shard_size=2, progress=False
+    )
     assert summary["generated"] == 3
     assert [_key(r) for r in read_oc20(out)] == [_key(r) for r in read_oc20(full)]

@@ -98,7 +98,10 @@ def test_stored_edges_match_periodic_radius_graph(legacy_records):
     # cutoff; they must agree with our periodic graph, which checks the cell convention.
     for r in legacy_records[:10]:
         edges = periodic_radius_graph(r.positions, r.cell, r.pbc, 6.0)
-        ours = {(int(s), int(t), *map(int, n)) for s, t, n in zip(edges.senders, edges.receivers, edges.image_shifts)}
+        ours = {
+            (int(s), int(t), *map(int, n))
+            for s, t, n in zip(edges.senders, edges.receivers, edges.image_shifts)
+        }
         ei, off = r.extras["edge_index"], r.extras["cell_offsets"]
         theirs = {(int(s), int(t), *map(int, n)) for s, t, n in zip(ei[0], ei[1], off)}
         assert ours == theirs
@@ -142,8 +145,12 @@ def test_malicious_pickle_inside_tensor_blob_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     blob = pickle.dumps(_RunsShellCommand(f"touch {marker}"))
     # Hand-assembled protocol-3 pickle: torch.storage._load_from_bytes(blob).
-    outer = (b"\x80\x03ctorch.storage\n_load_from_bytes\nB" + len(blob).to_bytes(4, "little") + blob
-             + b"\x85R.")
+    outer = (
+        b"\x80\x03ctorch.storage\n_load_from_bytes\nB"
+        + len(blob).to_bytes(4, "little")
+        + blob
+        + b"\x85R."
+    )
     with pytest.raises(UnsafePickleError):
         safe_loads(outer)
     assert not marker.exists()
@@ -223,7 +230,9 @@ def test_ase_json_fixture():
 
 
 def _tiny_aselmdb(path: Path) -> None:
-    pytest.importorskip("ase_db_backends", reason="ase-db-backends (segnn[oc20] extra) is not installed")
+    pytest.importorskip(
+        "ase_db_backends", reason="ase-db-backends (segnn[oc20] extra) is not installed"
+    )
     import ase.db
     from ase.build import add_adsorbate, fcc111
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -238,8 +247,11 @@ def _tiny_aselmdb(path: Path) -> None:
             atoms.pbc = True
             forces = np.full((len(atoms), 3), 0.1 * sid)
             atoms.calc = SinglePointCalculator(atoms, energy=-1.5 - sid, forces=forces)
-            db.write(atoms, key_value_pairs={"sid": 10 + sid, "y_relaxed": -0.5 * sid, "metal": "Cu"},
-                     data={"pos_relaxed": atoms.positions + 0.01})
+            db.write(
+                atoms,
+                key_value_pairs={"sid": 10 + sid, "y_relaxed": -0.5 * sid, "metal": "Cu"},
+                data={"pos_relaxed": atoms.positions + 0.01},
+            )
 
 
 def test_aselmdb_roundtrip(tmp_path):

@@ -23,7 +23,7 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -35,19 +35,34 @@ from segnn_jax.datasets.safe_pickle import (
 )
 
 __all__ = [
+    "LegacyLMDB",
     "OC20FormatError",
     "OC20Record",
-    "LegacyLMDB",
-    "read_legacy_lmdb",
-    "read_aselmdb",
     "read_ase_frames",
+    "read_aselmdb",
+    "read_legacy_lmdb",
     "read_oc20",
     "record_from_atoms",
 ]
 
 # Fields of the legacy PyG objects that become record fields; everything else goes to extras.
-_LEGACY_KNOWN = {"pos", "cell", "atomic_numbers", "natoms", "tags", "fixed", "sid", "y_init", "y_relaxed",
-                 "pos_relaxed", "force", "forces", "y", "energy", "pbc"}
+_LEGACY_KNOWN = {
+    "pos",
+    "cell",
+    "atomic_numbers",
+    "natoms",
+    "tags",
+    "fixed",
+    "sid",
+    "y_init",
+    "y_relaxed",
+    "pos_relaxed",
+    "force",
+    "forces",
+    "y",
+    "energy",
+    "pbc",
+}
 # Per-row keys of ASE databases / atoms.info that map onto record fields.
 _ASE_KNOWN = {"sid", "y_init", "y_relaxed", "pos_relaxed"}
 # Files read from a directory; lock files, manifests and temporary files are skipped.
@@ -151,7 +166,9 @@ def _make_record(
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
     fixed_arr = np.asarray(fixed)
     if fixed_arr.shape != (n,):
-        raise OC20FormatError(f"{source}: field 'fixed' has shape {fixed_arr.shape}, expected ({n},)")
+        raise OC20FormatError(
+            f"{source}: field 'fixed' has shape {fixed_arr.shape}, expected ({n},)"
+        )
     if sid is not None and not isinstance(sid, str):
         sid = int(np.asarray(sid).reshape(()))
     arrays = {}
@@ -159,7 +176,9 @@ def _make_record(
         if value is not None:
             value = np.asarray(value, dtype=np.float64)
             if value.shape != (n, 3):
-                raise OC20FormatError(f"{source}: field {name!r} has shape {value.shape}, expected ({n}, 3)")
+                raise OC20FormatError(
+                    f"{source}: field {name!r} has shape {value.shape}, expected ({n}, 3)"
+                )
         arrays[name] = value
     return OC20Record(
         positions=positions,
@@ -208,7 +227,9 @@ def _check_lmdb_complete(path: Path, env: Any) -> None:
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     size = path.stat().st_size
     if size < needed:
-        raise OC20FormatError(f"{path}: truncated LMDB file ({size} bytes, its pages need {needed})")
+        raise OC20FormatError(
+            f"{path}: truncated LMDB file ({size} bytes, its pages need {needed})"
+        )
 
 
 class LegacyLMDB(Sequence[OC20Record]):
@@ -232,7 +253,12 @@ class LegacyLMDB(Sequence[OC20Record]):
         _check_file(self.path)
         try:
             self._env = lmdb.open(
-                str(self.path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                str(self.path),
+                subdir=False,
+                readonly=True,
+                lock=False,
+                readahead=False,
+                meminit=False,
                 max_readers=1,
             )
             try:
@@ -251,7 +277,9 @@ class LegacyLMDB(Sequence[OC20Record]):
             except (UnsafePickleError, MalformedPickleError) as err:
                 raise OC20FormatError(f"{self.path}: bad 'length' entry: {err}") from err
             if not isinstance(n, int) or not 0 <= n < entries:
-                raise OC20FormatError(f"{self.path}: 'length' entry {n!r} inconsistent with {entries} keys")
+                raise OC20FormatError(
+                    f"{self.path}: 'length' entry {n!r} inconsistent with {entries} keys"
+                )
             self._length = n
         else:
             self._length = entries
@@ -263,7 +291,9 @@ class LegacyLMDB(Sequence[OC20Record]):
     def raw(self, index: int) -> dict[str, Any]:
         """Decoded fields of entry ``index`` exactly as stored (NumPy arrays / scalars)."""
         if not -self._length <= index < self._length:
-            raise IndexError(f"index {index} out of range for {self._length} entries in {self.path}")
+            raise IndexError(
+                f"index {index} out of range for {self._length} entries in {self.path}"
+            )
         index %= self._length
         try:
             with self._env.begin() as txn:
@@ -271,7 +301,9 @@ class LegacyLMDB(Sequence[OC20Record]):
         except self._lmdb_error as err:
             raise OC20FormatError(f"{self.path}: cannot read entry {index} ({err})") from err
         if value is None:
-            raise OC20FormatError(f"{self.path}: key {index!r} missing (keys must be 0..{self._length - 1})")
+            raise OC20FormatError(
+                f"{self.path}: key {index!r} missing (keys must be 0..{self._length - 1})"
+            )
         try:
             return pyg_data_to_dict(safe_loads(value))
         except UnsafePickleError as err:
@@ -314,10 +346,10 @@ class LegacyLMDB(Sequence[OC20Record]):
     def close(self) -> None:
         self._env.close()
 
-    def __enter__(self) -> LegacyLMDB:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -394,7 +426,9 @@ def read_aselmdb(path: str | os.PathLike) -> list[OC20Record]:
         try:
             records = [
                 record_from_atoms(
-                    row.toatoms(), f"{path}#{row.id}", {**row.key_value_pairs, **dict(row.get("data", {}))}
+                    row.toatoms(),
+                    f"{path}#{row.id}",
+                    {**row.key_value_pairs, **dict(row.get("data", {}))},
                 )
                 for row in db.select()
             ]
@@ -403,7 +437,9 @@ def read_aselmdb(path: str | os.PathLike) -> list[OC20Record]:
     except (lmdb.Error, KeyError, ValueError, TypeError) as err:
         if isinstance(err, OC20FormatError):
             raise
-        raise OC20FormatError(f"{path}: not a readable ASE LMDB database ({type(err).__name__}: {err})") from err
+        raise OC20FormatError(
+            f"{path}: not a readable ASE LMDB database ({type(err).__name__}: {err})"
+        ) from err
     return records
 
 
@@ -420,9 +456,11 @@ def read_ase_frames(path: str | os.PathLike, format: str | None = None) -> list[
     _check_file(path)
     try:
         frames = ase.io.read(str(path), ":", format=format)
-    except Exception as err:  # noqa: BLE001 - ASE's parsers raise many unrelated exception types
-        raise OC20FormatError(f"{path}: cannot parse as {format or 'an ASE-readable file'} "
-                              f"({type(err).__name__}: {err})") from err
+    except Exception as err:
+        raise OC20FormatError(
+            f"{path}: cannot parse as {format or 'an ASE-readable file'} "
+            f"({type(err).__name__}: {err})"
+        ) from err
     if not frames:
         raise OC20FormatError(f"{path}: contains no frames")
     return [record_from_atoms(atoms, f"{path}#{i}") for i, atoms in enumerate(frames)]

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "UnsafePickleError",
     "MalformedPickleError",
     "PickledObject",
-    "safe_loads",
+    "UnsafePickleError",
     "pyg_data_to_dict",
+    "safe_loads",
 ]
 
 # torch's legacy serialisation header (torch/serialization.py).
@@ -79,7 +79,9 @@ class PickledObject:
         if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
             state = state[0]  # (dict_state, slot_state) form with no slots
         if not isinstance(state, dict):
-            raise MalformedPickleError(f"{self.qualname}: expected a dict state, got {type(state).__name__}")
+            raise MalformedPickleError(
+                f"{self.qualname}: expected a dict state, got {type(state).__name__}"
+            )
         self.state = dict(state)
 
     def __repr__(self) -> str:
@@ -93,8 +95,12 @@ def _make_class(qualname: str) -> type:
 
 _PYG_CLASSES = {
     ("torch_geometric.data.data", "Data"): _make_class("torch_geometric.data.data.Data"),
-    ("torch_geometric.data.data", "DataEdgeAttr"): _make_class("torch_geometric.data.data.DataEdgeAttr"),
-    ("torch_geometric.data.data", "DataTensorAttr"): _make_class("torch_geometric.data.data.DataTensorAttr"),
+    ("torch_geometric.data.data", "DataEdgeAttr"): _make_class(
+        "torch_geometric.data.data.DataEdgeAttr"
+    ),
+    ("torch_geometric.data.data", "DataTensorAttr"): _make_class(
+        "torch_geometric.data.data.DataTensorAttr"
+    ),
     ("torch_geometric.data.storage", "GlobalStorage"): _make_class(
         "torch_geometric.data.storage.GlobalStorage"
     ),
@@ -177,7 +183,9 @@ def _load_from_bytes(blob: bytes) -> np.ndarray:
         if isinstance(err, (UnsafePickleError, MalformedPickleError)):
             raise
         raise MalformedPickleError(f"corrupt legacy torch tensor blob: {err}") from err
-    byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+    byteorder = (
+        "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+    )
     arrays: dict[str, np.ndarray] = {}
     for key in keys:
         key = str(key)
@@ -189,7 +197,9 @@ def _load_from_bytes(blob: bytes) -> np.ndarray:
             raise MalformedPickleError("truncated legacy torch tensor blob (storage header)")
         stored = int(np.frombuffer(header, dtype=byteorder + "i8")[0])
         if stored != numel:
-            raise MalformedPickleError(f"storage {key!r} declares {numel} elements but holds {stored}")
+            raise MalformedPickleError(
+                f"storage {key!r} declares {numel} elements but holds {stored}"
+            )
         dtype = dtype.newbyteorder(byteorder) if dtype.itemsize > 1 else dtype
         raw = f.read(numel * dtype.itemsize)
         if len(raw) != numel * dtype.itemsize:
@@ -245,7 +255,9 @@ def _rebuild_tensor_v2(
     return np.array(view)
 
 
-def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size: tuple, stride: tuple) -> np.ndarray:
+def _rebuild_tensor(
+    storage: np.ndarray, storage_offset: int, size: tuple, stride: tuple
+) -> np.ndarray:
     """NumPy version of the older ``torch._utils._rebuild_tensor``."""
     return _rebuild_tensor_v2(storage, storage_offset, size, stride)
 
@@ -293,8 +305,16 @@ def safe_loads(data: bytes) -> Any:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
     except (UnsafePickleError, MalformedPickleError):
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, MemoryError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+    ) as err:
         raise MalformedPickleError(f"corrupt pickle: {type(err).__name__}: {err}") from err
 
 
