@@ -15,7 +15,8 @@ __all__ = ["balanced_irreps", "count_tensor_product_weights", "weight_balanced_i
 def _irrep_types(lmax: int, sh_type: bool) -> list:
     if sh_type:
         return [e3nn.Irrep(l, (-1) ** l) for l in range(lmax + 1)]
-    return [e3nn.Irrep(l, p) for l in range(lmax + 1) for p in (1, -1)]
+    # 0e, 1e, 1o, 2e, 2o, ...: the scalars stay even.
+    return [e3nn.Irrep(0, 1)] + [e3nn.Irrep(l, p) for l in range(1, lmax + 1) for p in (1, -1)]
 
 
 def balanced_irreps(lmax: int, vec_dim: int, sh_type: bool = True) -> e3nn.Irreps:
@@ -28,7 +29,7 @@ def balanced_irreps(lmax: int, vec_dim: int, sh_type: bool = True) -> e3nn.Irrep
         lmax: highest order.
         vec_dim: total dimension to distribute.
         sh_type: only the parities of spherical harmonics (0e, 1o, 2e, ...) if True, else both
-            parities of every order.
+            parities of every order above 0 (0e, 1e, 1o, 2e, 2o, ...).
 
     >>> balanced_irreps(1, 371)
     188x0e+61x1o

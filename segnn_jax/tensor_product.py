@@ -178,11 +178,11 @@ def mix_channels(
     Returns:
         For each path, None if the segment does not feed it, else ``[..., mul2, mul_out, 2 l1 + 1]``.
     """
-    segment = segment.regroup()
+    segment = e3nn.IrrepsArray(segment.irreps, segment.array).regroup()  # dense: no zero flags
     ranges = _segment_channel_offsets(spec)[segment_index]
     mixed: list = [None] * len(spec.paths)
     for (mul, ir), chunk in zip(segment.irreps, segment.chunks):
-        if chunk is None or mul == 0:
+        if mul == 0:
             continue
         start, stop = ranges[ir]
         ids = [n for n, p in enumerate(spec.paths) if spec.irreps_in1[p.i1].ir == ir]

@@ -1,0 +1,136 @@
+"""The weighted tensor product against a direct (dense Clebsch-Gordan) evaluation, and its properties."""
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from segnn_jax import tensor_product as tp
+
+
+def direct_tensor_product(spec, weights, x1, x2):
+    """out_w = sum_paths sqrt(2l+1) W[u,v,w] CG[i,j,k] x1[u,i] x2[v,j], path by path."""
+    x1 = x1.regroup()
+    x2 = x2 if x2 is not None else e3nn.ones("0e", x1.shape[:-1])
+    outputs = [0.0] * len(spec.irreps_out)
+    for path, w in zip(spec.paths, weights):
+        ir1, ir2 = spec.irreps_in1[path.i1].ir, x2.irreps[path.i2].ir
+        ir_out = spec.irreps_out[path.i_out].ir
+        cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
+        outputs[path.i_out] = outputs[path.i_out] + jnp.einsum(
+            "...ui,...vj,ijk,uvw->...wk", x1.chunks[path.i1], x2.chunks[path.i2], cg, w)
+    chunks = [o if not isinstance(o, float) else jnp.zeros(x1.shape[:-1] + (mul, ir.dim))
+              for o, (mul, ir) in zip(outputs, spec.irreps_out)]
+    return e3nn.from_chunks(spec.irreps_out, chunks, x1.shape[:-1], x1.dtype)
+
+
+CASES = [
+    ("3x0e+2x1o", "0e+1o", "4x0e+3x1o"),
+    ("2x0e+2x1o+2x2e", "0e+1o+2e+3o", "3x0e+2x1o+2x2e"),
+    ("2x0e+1x1e+1x0o", "2x0e+1x1o", "2x0e+1x1o+1x1e+1x0o"),  # mul2 > 1 and odd parities
+]
+
+
+@pytest.mark.parametrize("in1,in2,out", CASES)
+def test_matches_direct_evaluation(keys, in1, in2, out):
+    spec = tp.make_spec(in1, in2, out)
+    weights = tp.init_weights(next(keys), spec)
+    x1 = e3nn.normal(in1, next(keys), (7,))
+    x2 = e3nn.normal(in2, next(keys), (7,))
+    np.testing.assert_allclose(tp.tensor_product(spec, weights, [x1], x2).array,
+                               direct_tensor_product(spec, weights, x1, x2).array, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_when_second_input_is_absent(keys):
+    spec = tp.make_spec("3x0e+2x1o", None, "4x0e+3x1o")
+    weights = tp.init_weights(next(keys), spec)
+    x1 = e3nn.normal("3x0e+2x1o", next(keys), (6,))
+    out = tp.tensor_product(spec, weights, [x1], None)
+    np.testing.assert_allclose(out.array, direct_tensor_product(spec, weights, x1, None).array,
+                               rtol=1e-5, atol=1e-6)
+    assert [p.i2 for p in spec.paths] == [0, 0]
+
+
+def test_gathered_segments_equal_the_concatenated_input(keys):
+    """Mixing per node, then gathering, is the same function as gathering, then mixing."""
+    nodes = e3nn.normal("3x0e+2x1o", next(keys), (5,))
+    extra = e3nn.normal("2x0e", next(keys), (9,))
+    senders = jax.random.randint(next(keys), (9,), 0, 5)
+    receivers = jax.random.randint(next(keys), (9,), 0, 5)
+    attr = e3nn.spherical_harmonics("0e+1o", jax.random.normal(next(keys), (9, 3)), True)
+    spec = tp.make_spec(["3x0e+2x1o", "3x0e+2x1o", "2x0e"], attr.irreps, "4x0e+3x1o")
+    weights = tp.init_weights(next(keys), spec)
+
+    def split(w, n):
+        return tp.tensor_product(spec, w, [(n, receivers), (n, senders), extra], attr)
+
+    def concatenated(w, n):
+        x1 = e3nn.concatenate([n[receivers], n[senders], extra])
+        flat = tp.make_spec(x1.irreps, attr.irreps, spec.irreps_out)
+        assert flat.weight_shapes == spec.weight_shapes
+        return tp.tensor_product(flat, w, [x1], attr)
+
+    np.testing.assert_allclose(split(weights, nodes).array, concatenated(weights, nodes).array,
+                               rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda w, n: f(w, n).array.sum() ** 2, argnums=(0, 1))(weights, nodes)
+             for f in (split, concatenated)]
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("in1,in2,out", CASES[1:])
+def test_equivariant_under_rotation_and_reflection(keys, in1, in2, out):
+    spec = tp.make_spec(in1, in2, out)
+    weights = tp.init_weights(next(keys), spec)
+    x1 = e3nn.normal(in1, next(keys), (4,))
+    x2 = e3nn.normal(in2, next(keys), (4,))
+    rotation = -e3nn.rand_matrix(next(keys), ())  # rotation times inversion
+    rotated_output = tp.tensor_product(spec, weights, [x1.transform_by_matrix(rotation)],
+                                       x2.transform_by_matrix(rotation))
+    expected = tp.tensor_product(spec, weights, [x1], x2).transform_by_matrix(rotation)
+    np.testing.assert_allclose(rotated_output.array, expected.array, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_init,expected", [("reference", 1 / 3), ("unit", 1.0)])
+def test_initial_second_moment(keys, weight_init, expected):
+    """Unit-variance inputs give outputs with second moment 1/3 (reference scale) or 1 ("unit")."""
+    spec = tp.make_spec("32x0e+32x1o+32x2e", "0e+1o+2e", "32x0e+32x1o+32x2e")
+    moments = []
+    for _ in range(8):
+        weights = tp.init_weights(next(keys), spec, weight_init)
+        x1 = e3nn.normal(spec.irreps_in1, next(keys), (256,))
+        x2 = e3nn.normal("0e+1o+2e", next(keys), (256,))
+        moments.append(jnp.mean(tp.tensor_product(spec, weights, [x1], x2).array ** 2))
+    assert abs(float(np.mean(moments)) / expected - 1) < 0.1
+
+
+def test_gradients_match_finite_differences(keys):
+    spec = tp.make_spec("2x0e+1x1o", "0e+1o", "2x0e+1x1o")
+    with jax.enable_x64(True):
+        weights = [w.astype(jnp.float64) for w in tp.init_weights(next(keys), spec)]
+        x1 = e3nn.normal("2x0e+1x1o", next(keys), (3,), dtype=jnp.float64)
+        x2 = e3nn.normal("0e+1o", next(keys), (3,), dtype=jnp.float64)
+
+        def f(w, a, b):
+            return tp.tensor_product(spec, w, [e3nn.IrrepsArray(x1.irreps, a)],
+                                     e3nn.IrrepsArray(x2.irreps, b)).array
+
+        check_grads(f, (weights, x1.array, x2.array), order=2, modes=["rev"], eps=1e-4)
+
+
+def test_bad_inputs_give_precise_errors(keys):
+    with pytest.raises(ValueError, match="cannot be reached"):
+        tp.make_spec("2x0e", "0e", "1x1o")
+    spec = tp.make_spec("2x0e+1x1o", "0e+1o", "2x0e+1x1o")
+    weights = tp.init_weights(next(keys), spec)
+    good = e3nn.normal("2x0e+1x1o", next(keys), (3,))
+    with pytest.raises(ValueError, match="segment 0 has irreps 2x0e"):
+        tp.tensor_product(spec, weights, [e3nn.normal("2x0e", next(keys), (3,))], None)
+    with pytest.raises(ValueError, match="x2 has irreps 1x0e"):
+        tp.tensor_product(spec, weights, [good], e3nn.normal("0e", next(keys), (3,)))
+    with pytest.raises(TypeError, match="IrrepsArray"):
+        tp.tensor_product(spec, weights, [good.array], None)
+    with pytest.raises(ValueError, match="weight_init"):
+        tp.init_bound(spec, "xavier")
