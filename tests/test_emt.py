@@ -19,6 +19,7 @@ from segnn_jax.datasets.emt import (
     EMTDatasetError,
     gas_references,
     generate_emt_dataset,
+    main,
     sample_spec,
 )
 from segnn_jax.datasets.oc20 import read_oc20
@@ -166,4 +167,16 @@ def test_two_workers_give_the_same_set(generated, tmp_path):
         out, n_samples=3, seed=SEED, n_workers=2, shard_size=2, progress=False
     )
     assert summary["generated"] == 3
+    assert [_key(r) for r in read_oc20(out)] == [_key(r) for r in read_oc20(full)]
+
+
+def test_command_line_resumes_the_same_set(generated, tmp_path, capsys):
+    full, _ = generated
+    out = tmp_path / "cli"
+    shutil.copytree(full, out)
+    (out / "shard_00002.aselmdb").unlink()
+    argv = [str(out), "--n-samples", "3", "--seed", str(SEED), "--workers", "1"]
+    summary = main([*argv, "--shard-size", "1", "--no-progress"])
+    assert summary["generated"] == 1
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2
     assert [_key(r) for r in read_oc20(out)] == [_key(r) for r in read_oc20(full)]

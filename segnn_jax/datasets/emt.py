@@ -489,3 +489,36 @@ def generate_emt_dataset(
         "seconds": seconds,
         "samples_per_minute": 60.0 * len(todo) / seconds if todo else 0.0,
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line: ``python -m segnn_jax.datasets.emt OUT_DIR --n-samples N [--seed S] [--workers W]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m segnn_jax.datasets.emt",
+        description="Generate (or resume) the OC20-style EMT data set (EMT, not DFT).",
+    )
+    parser.add_argument("out_path", help="output directory (re-run the same command to resume)")
+    parser.add_argument("--n-samples", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--layers", type=int, default=EMTConfig.layers)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    summary = generate_emt_dataset(
+        args.out_path,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        n_workers=args.workers,
+        config=EMTConfig(layers=args.layers),
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -237,7 +237,8 @@ class LegacyLMDB(Sequence[OC20Record]):
 
     Entries are decoded on access, so a data set of hundreds of thousands of
     structures costs no memory up front. Use as a context manager or call
-    :meth:`close`.
+    :meth:`close`. Open one instance per process: an LMDB environment must not
+    be carried across ``fork``.
 
     Args:
         path: the ``.lmdb`` file (single-file LMDB, ``subdir=False``).
