@@ -338,12 +338,12 @@ def _write_shard(out_dir: Path, shard: int, samples: list[dict[str, Any]]) -> No
     tmp = final.with_name(final.name + ".tmp")
     for stale in (tmp, Path(f"{tmp}-lock")):
         stale.unlink(missing_ok=True)
+    # Leaving the context commits the transaction (LMDB syncs on commit) and closes the file.
     with ase.db.connect(str(tmp), type="aselmdb", use_lock_file=False) as db:
         for sample in samples:
             db.write(
                 sample["atoms"], key_value_pairs=sample["key_value_pairs"], data=sample["data"]
             )
-    db.close()
     Path(f"{tmp}-lock").unlink(missing_ok=True)
     os.replace(tmp, final)
 
