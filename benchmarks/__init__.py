@@ -1,0 +1,1 @@
+"""Benchmarks of segnn_jax (throughput, comparison with other implementations)."""

@@ -1,0 +1,243 @@
+"""Throughput of segnn_jax's SEGNN on the reference configurations (forward and training step).
+
+Per configuration it reports: parameters, nodes, edges, compile time of the forward and of the
+training step (``jax.jit(f).lower(...).compile()``, timed separately), peak memory (process peak RSS,
+and JAX allocator statistics when the backend has them), forward and training-step times (warm-up,
+``block_until_ready``, median and interquartile range of many runs), graphs per second of training,
+XLA's FLOP estimate of one training step (``compiled.cost_analysis()``), the achieved GFLOP/s and its
+fraction of the machine's measured float32 2048x2048 matrix-multiply rate.
+
+Each configuration is measured in a fresh subprocess so that its peak RSS is its own.
+
+Usage::
+
+    python benchmarks/throughput.py --configs nbody qm9 oc20 --repeats 20 \
+        --out benchmarks/results/throughput_cpu.json
+
+The training step is a real one: Adam update of all parameters on an MSE (N-body) or L1 (QM9, OC20)
+loss via ``jax.value_and_grad``, jitted as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    # Run as a script from a checkout: make this project's segnn_jax importable.
+    sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import common, inputs  # noqa: E402
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def build_ours(arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0) -> common.ModelBench:
+    """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
+
+    The attributes (spherical harmonics of the edge vectors, node attributes, extra invariants) are
+    computed inside the jitted function, as in a real training step.
+
+    Args:
+        arrays: from :func:`benchmarks.inputs.build`.
+        spec: the configuration's settings.
+        dtype: of parameters and floating inputs; ``"float64"`` enables ``jax_enable_x64``.
+        seed: of the parameter initialisation.
+    """
+    import e3nn_jax as e3nn
+    import haiku as hk
+    import jax
+    import jax.numpy as jnp
+    import jraph
+
+    from segnn_jax import SEGNN, SteerableGraphsTuple, attributes
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    n_nodes = len(arrays["positions"])
+
+    def model(batch, is_training):
+        graph = jraph.GraphsTuple(nodes={"positions": batch["positions"]}, edges={"shifts": batch["shifts"]},
+                                  senders=batch["senders"], receivers=batch["receivers"],
+                                  n_node=batch["n_node"], n_edge=batch["n_edge"], globals=None)
+        vectors = attributes.edge_vectors(graph)
+        edge_attr = attributes.edge_attributes(vectors, spec["lmax"], spec["sh_normalization"])
+        physical = (batch["velocities"],) if "velocities" in batch else ()
+        node_attr = attributes.node_attributes(edge_attr, graph.receivers, n_nodes,
+                                               physical_vectors=physical,
+                                               normalization=spec["sh_normalization"])
+        distance = attributes.safe_norm(vectors, keepdims=True)
+        if "charges" in batch:
+            extra = jnp.concatenate([distance, attributes.pair_products(batch["charges"], graph)], axis=-1)
+        else:
+            extra = distance**2
+        if "atomic_numbers" in batch:
+            embedded = hk.Embed(vocab_size=100, embed_dim=spec["embedding_dim"], name="atom_embedding")(
+                batch["atomic_numbers"])
+            features = e3nn.IrrepsArray(f"{spec['embedding_dim']}x0e", embedded)
+        else:
+            features = e3nn.IrrepsArray(spec["input"], batch["features"])
+        st_graph = SteerableGraphsTuple(graph, features, node_attr, edge_attr,
+                                        e3nn.IrrepsArray(spec["extra"], extra))
+        network = SEGNN(spec["hidden"], spec["output"], spec["layers"], task=spec["task"],
+                        pool=spec["pool"], norm=spec["norm"])
+        return network(st_graph, is_training).array
+
+    transformed = hk.transform_with_state(model)
+    batch = cast_batch(arrays, dtype)
+    params, state = transformed.init(jax.random.PRNGKey(seed), batch, True)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.dtype(dtype)), params)
+
+    def apply(params, state, batch):
+        return transformed.apply(params, state, None, batch, True)
+
+    return common.ModelBench(apply, params, state, batch, spec["loss"])
+
+
+def cast_batch(arrays: dict, dtype: str) -> dict:
+    """Device arrays of the batch, floating ones cast to ``dtype`` (targets stay float32)."""
+    import jax.numpy as jnp
+
+    out = {}
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating) and key != "targets":
+            out[key] = jnp.asarray(value, dtype=jnp.dtype(dtype))
+        else:
+            out[key] = jnp.asarray(value)
+    return out
+
+
+def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict) -> dict:
+    """All figures of one configuration, measured in this process."""
+    arrays, spec = inputs.build(name)
+    record = {"settings": spec, "dtype": dtype, "nodes": int(len(arrays["positions"])),
+              "edges": int(len(arrays["senders"])), "graphs": int(len(arrays["n_node"]))}
+    bench = build_ours(arrays, spec, dtype)
+    record["params"] = bench.n_params
+    forward = bench.compile("forward")
+    step = bench.compile("train_step")
+    record["compile_forward_s"] = forward["compile_s"]
+    record["compile_train_step_s"] = step["compile_s"]
+    forward_times = common.summarise(bench.time("forward", repeats, max_seconds))
+    step_times = common.summarise(bench.time("train_step", repeats, max_seconds))
+    record["forward"] = forward_times
+    record["train_step"] = step_times
+    record["forward_ms"] = forward_times["median_ms"]
+    record["train_step_ms"] = step_times["median_ms"]
+    record["graphs_per_s"] = record["graphs"] / (step_times["median_ms"] / 1e3)
+    record["forward_graphs_per_s"] = record["graphs"] / (forward_times["median_ms"] / 1e3)
+    record["flops_source"] = "XLA compiled.cost_analysis()['flops'] of the jitted training step"
+    if step["flops"] is not None:
+        record["gflops_per_step"] = step["flops"] / 1e9
+        record["gflops_forward"] = forward["flops"] / 1e9 if forward["flops"] is not None else None
+        record["achieved_gflops"] = record["gflops_per_step"] / (step_times["median_ms"] / 1e3)
+        record["fraction_of_matmul_rate"] = record["achieved_gflops"] / matmul["median_gflops"]
+    else:
+        record["gflops_per_step"] = record["achieved_gflops"] = None
+        record["flops_source"] = "not available from this backend"
+    record["peak_rss_mb"] = common.peak_rss_mb()
+    record["jax_memory_mb"] = common.device_memory_mb()
+    record["load_average_after"] = common.cpu_info()["load_average_1_5_15"]
+    return record
+
+
+def _child(args) -> None:
+    record = measure(args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul))
+    Path(args.child_out).write_text(json.dumps(record))
+
+
+def _serve(args) -> None:
+    arrays, spec = inputs.load(Path(args.serve))
+    common.serve(build_ours(arrays, spec, args.dtype))
+
+
+def _print_record(name: str, r: dict) -> None:
+    if "error" in r:
+        print(f"{name}: FAILED {r['error']}")
+        return
+    print(f"{name}: {r['params']:,} params, {r['nodes']} nodes, {r['edges']} edges, {r['graphs']} graphs")
+    print(f"  compile forward {r['compile_forward_s']:.1f} s, train step {r['compile_train_step_s']:.1f} s; "
+          f"peak RSS {r['peak_rss_mb']:.0f} MiB")
+    print(f"  forward {r['forward_ms']:.1f} ms (IQR {r['forward']['iqr_ms']:.1f}, {r['forward']['runs']} runs); "
+          f"train step {r['train_step_ms']:.1f} ms (IQR {r['train_step']['iqr_ms']:.1f}, "
+          f"{r['train_step']['runs']} runs); {r['graphs_per_s']:.0f} graphs/s")
+    if r.get("gflops_per_step") is not None:
+        print(f"  {r['gflops_per_step']:.2f} GFLOP/step -> {r['achieved_gflops']:.1f} GFLOP/s "
+              f"({100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate)")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["nbody", "qm9", "oc20"], choices=sorted(inputs.CONFIGS))
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per function (after 2 warm-up)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop timing a function after this long (at least 3 calls)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process (peak RSS then covers all configurations)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--matmul", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return {}
+    if args.serve:
+        _serve(args)
+        return {}
+
+    import jax
+
+    settings = {"configs": args.configs, "repeats": args.repeats, "max_seconds": args.max_seconds,
+                "dtype": args.dtype, "warmup_calls": 2, "backend": jax.default_backend(),
+                "devices": [str(d) for d in jax.devices()], "subprocess_per_config": not args.in_process}
+    result = {"settings": settings, "versions": common.versions(), "cpu": common.cpu_info()}
+    print("settings:", json.dumps(settings))
+    print("versions:", json.dumps(result["versions"]))
+    print("cpu:", json.dumps(result["cpu"]))
+    result["matmul_float32"] = common.matmul_gflops()
+    print(f"float32 2048x2048 matmul: {result['matmul_float32']['median_gflops']:.1f} GFLOP/s (median)")
+    result["configs"] = {}
+    for name in args.configs:
+        start = time.perf_counter()
+        try:
+            if args.in_process:
+                record = measure(name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"])
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "record.json"
+                    command = [sys.executable, str(Path(__file__).resolve()), "--child", name,
+                               "--child-out", str(out), "--repeats", str(args.repeats),
+                               "--max-seconds", str(args.max_seconds), "--dtype", args.dtype,
+                               "--matmul", json.dumps(result["matmul_float32"])]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+                    record = json.loads(out.read_text())
+        except Exception as error:  # one failing configuration must not lose the others' figures
+            record = {"error": f"{type(error).__name__}: {error}"}
+        record["wall_s"] = time.perf_counter() - start
+        result["configs"][name] = record
+        _print_record(name, record)
+    result["cpu_after"] = common.cpu_info()
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
