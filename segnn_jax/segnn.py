@@ -129,6 +129,9 @@ class _SteerableNetwork(hk.Module):
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.hidden_irreps = e3nn.Irreps(hidden_irreps).regroup()
         self.output_irreps = e3nn.Irreps(output_irreps)
+        if task == "graph" and any(ir != e3nn.Irrep("0e") for _, ir in self.output_irreps):
+            raise ValueError(f"a graph-level head pools invariant scalars: output_irreps must be "
+                             f"k x 0e, got {self.output_irreps}")
         self.num_layers = num_layers
         self.task = task
         self.pool = pool

@@ -1,0 +1,72 @@
+"""Tiny models and raw-input pipelines shared by the model tests."""
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import segnn_jax as sj
+
+
+def featurize(graph, positions=None, velocities=None, lmax=1):
+    """Raw positions and velocities to SEGNN inputs, centred on each graph's centroid."""
+    positions = graph.nodes["positions"] if positions is None else positions
+    velocities = graph.nodes["velocities"] if velocities is None else velocities
+    n_nodes = positions.shape[0]
+    vectors = sj.edge_vectors(graph, positions)
+    edge_attr = sj.edge_attributes(vectors, lmax)
+    node_attr = sj.node_attributes(edge_attr, graph.receivers, n_nodes, sj.edge_mask(graph),
+                                   physical_vectors=[velocities])
+    graph_index = sj.node_graph_index(graph, n_nodes)
+    mask = sj.node_mask(graph, n_nodes)[:, None].astype(positions.dtype)
+    centroid = jax.ops.segment_sum(positions * mask, graph_index, graph.n_node.shape[0])
+    centroid = centroid / jnp.maximum(graph.n_node, 1)[:, None].astype(positions.dtype)
+    speed = sj.safe_norm(velocities, keepdims=True)
+    features = e3nn.concatenate([
+        e3nn.IrrepsArray("1o", (positions - centroid[graph_index]) * mask),
+        e3nn.IrrepsArray("1o", velocities),
+        e3nn.IrrepsArray("0e", speed),
+    ])
+    extra = e3nn.IrrepsArray("1x0e", sj.safe_norm(vectors, keepdims=True))
+    return sj.SteerableGraphsTuple(graph, features, node_attr, edge_attr, extra)
+
+
+def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1):
+    """A transformed tiny network on raw graphs: ``apply(params, state, graph, pos, vel)``."""
+    hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
+    output = "1x1o" if task == "node" else "2x0e"
+
+    def forward(graph, positions, velocities, is_training=False):
+        inputs = featurize(graph, positions, velocities, lmax)
+        if network == "segnn":
+            model = sj.SEGNN(hidden, output, layers, task=task, norm=norm, pool=pool)
+        else:
+            model = sj.SEConv(hidden, output, layers, task=task, norm=norm, pool=pool,
+                              nonlinear=network == "seconv_nonlinear")
+        return model(inputs, is_training).array
+
+    return hk.without_apply_rng(hk.transform_with_state(forward))
+
+
+def random_graph(rng, n_nodes, kind="full", cutoff=1.5):
+    positions = rng.normal(size=(n_nodes, 3))
+    velocities = rng.normal(size=(n_nodes, 3))
+    if kind == "full":
+        senders, receivers = sj.fully_connected_edges(n_nodes)
+    else:
+        senders, receivers = sj.radius_graph_edges(positions, cutoff)
+    return sj.make_graph(positions.astype(np.float32), senders, receivers,
+                         nodes={"velocities": velocities.astype(np.float32)})
+
+
+def pad(graphs, n_node, n_edge, n_graph):
+    return sj.pad_graph(sj.batch_graphs(graphs), n_node, n_edge, n_graph)
+
+
+def to_device(graph, dtype=jnp.float32):
+    """Arrays to JAX, floating ones cast to ``dtype``."""
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree_util.tree_map(cast, graph)
