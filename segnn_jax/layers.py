@@ -49,7 +49,7 @@ class O3TensorProduct(hk.Module):
     >>> import jax, jax.numpy as jnp
     >>> f = hk.transform(lambda x, a: O3TensorProduct("4x0e+2x1o")(x, a))
     >>> x = e3nn.normal("3x0e+1x1o", jax.random.PRNGKey(0), (5,))
-    >>> a = e3nn.spherical_harmonics(1, jnp.ones((5, 3)), normalize=True)
+    >>> a = e3nn.spherical_harmonics("0e+1o", jnp.ones((5, 3)), normalize=True)
     >>> params = f.init(jax.random.PRNGKey(1), x, a)
     >>> f.apply(params, None, x, a).irreps
     4x0e+2x1o
@@ -153,7 +153,7 @@ class O3TensorProductGate(hk.Module):
     >>> import jax, jax.numpy as jnp
     >>> f = hk.transform(lambda x, a: O3TensorProductGate("4x0e+2x1o")(x, a))
     >>> x = e3nn.normal("3x0e+1x1o", jax.random.PRNGKey(0), (5,))
-    >>> a = e3nn.spherical_harmonics(1, jnp.ones((5, 3)), normalize=True)
+    >>> a = e3nn.spherical_harmonics("0e+1o", jnp.ones((5, 3)), normalize=True)
     >>> f.apply(f.init(jax.random.PRNGKey(1), x, a), None, x, a).irreps
     4x0e+2x1o
     """
