@@ -1,0 +1,147 @@
+"""``create_model``: the one place where a config's ``model`` section becomes constructor arguments.
+
+The section (see :func:`default_model_config`)::
+
+    name             "segnn" | "seconv_linear" | "seconv_nonlinear"
+    hidden_features  width of the equivalent scalar network; with lmax_hidden and lmax_attr it gives
+                     the weight-balanced hidden irreps (segnn_jax.weight_balanced_irreps)
+    hidden_irreps    explicit hidden irreps (a string such as "32x0e+32x1o"); overrides the above
+    lmax_hidden      highest order of the hidden features
+    lmax_attr        highest order of the spherical-harmonic attributes
+    num_layers       message-passing layers
+    norm             "none" | "instance" | "batch"
+    pool             "avg" | "sum" (graph-level tasks)
+    task             "node" | "graph"
+    weight_init      "reference" | "unit"
+
+The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
+them to :func:`create_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import e3nn_jax as e3nn
+import haiku as hk
+
+from segnn_jax.irreps import weight_balanced_irreps
+from segnn_jax.segnn import SEGNN, SEConv
+from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+
+__all__ = ["MODEL_NAMES", "attribute_irreps", "create_model", "default_model_config",
+           "hidden_irreps", "validate_model_config"]
+
+MODEL_NAMES = ("segnn", "seconv_linear", "seconv_nonlinear")
+
+_DEFAULTS: Dict[str, Any] = {
+    "name": "segnn",
+    "hidden_features": 64,
+    "hidden_irreps": None,
+    "lmax_hidden": 1,
+    "lmax_attr": 1,
+    "num_layers": 4,
+    "norm": "none",
+    "pool": "avg",
+    "task": "node",
+    "weight_init": "reference",
+}
+
+_CHOICES = {
+    "name": MODEL_NAMES,
+    "norm": ("none", "instance", "batch"),
+    "pool": ("avg", "sum"),
+    "task": ("node", "graph"),
+    "weight_init": ("reference", "unit"),
+}
+
+
+def default_model_config() -> Dict[str, Any]:
+    """A fresh copy of the model options with their defaults (the N-body reference's SEGNN)."""
+    return dict(_DEFAULTS)
+
+
+def _int_option(config: Dict[str, Any], key: str, name: str, minimum: int) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_model_config(config: Any, *, name: str = "config.model") -> Dict[str, Any]:
+    """Checks the model section and returns it as a plain dict with the defaults filled in.
+
+    Raises:
+        ConfigError: an unknown option or an invalid value, named by its dotted path.
+    """
+    config = to_dict(config) or {}
+    check_known_options(config, _DEFAULTS, name=name)
+    full = dict(_DEFAULTS, **config)
+    for key, choices in _CHOICES.items():
+        if full[key] not in choices:
+            raise ConfigError(f"{name}.{key}: expected one of {choices}, got {full[key]!r}")
+    _int_option(full, "hidden_features", name, 1)
+    _int_option(full, "lmax_hidden", name, 0)
+    _int_option(full, "lmax_attr", name, 0)
+    _int_option(full, "num_layers", name, 0)
+    if full["hidden_irreps"] is not None:
+        try:
+            irreps = e3nn.Irreps(full["hidden_irreps"])
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(
+                f"{name}.hidden_irreps: not irreps: {full['hidden_irreps']!r} ({e})") from e
+        if irreps.dim == 0:
+            raise ConfigError(f"{name}.hidden_irreps: must not be empty, "
+                              f"got {full['hidden_irreps']!r}")
+    return full
+
+
+def attribute_irreps(model_config: Any) -> e3nn.Irreps:
+    """Irreps of the edge and node attributes: spherical harmonics up to ``lmax_attr``."""
+    return e3nn.Irreps.spherical_harmonics(validate_model_config(model_config)["lmax_attr"])
+
+
+def hidden_irreps(model_config: Any) -> e3nn.Irreps:
+    """The hidden irreps: ``hidden_irreps`` if given, else weight-balanced from ``hidden_features``.
+
+    >>> hidden_irreps({"hidden_features": 64, "lmax_hidden": 1, "lmax_attr": 1})
+    32x0e+32x1o
+    """
+    cfg = validate_model_config(model_config)
+    if cfg["hidden_irreps"] is not None:
+        return e3nn.Irreps(cfg["hidden_irreps"]).regroup()
+    return weight_balanced_irreps(cfg["hidden_features"], attribute_irreps(cfg),
+                                  lmax=cfg["lmax_hidden"])
+
+
+def create_model(model_config: Any, *, output_irreps) -> Callable[[], hk.Module]:
+    """The Haiku module factory described by a model section.
+
+    Args:
+        model_config: the ``model`` section (dict or ConfigDict; see the module docstring).
+        output_irreps: what the task predicts, e.g. ``"1x1o"`` per node for N-body.
+
+    Returns:
+        A zero-argument callable that creates the module; call it inside ``hk.transform``. The
+        module maps a :class:`segnn_jax.SteerableGraphsTuple` to ``[N or G, output_irreps]``.
+
+    Raises:
+        ConfigError: an invalid model section (checked now, before anything is traced).
+
+    >>> factory = create_model({"name": "seconv_linear", "num_layers": 2}, output_irreps="1x1o")
+    >>> hk.transform(lambda: type(factory()).__name__).apply({}, None)
+    'SEConv'
+    """
+    cfg = validate_model_config(model_config)
+    irreps = hidden_irreps(cfg)
+    output_irreps = e3nn.Irreps(output_irreps)
+    common = dict(task=cfg["task"], pool=cfg["pool"], norm=cfg["norm"],
+                  weight_init=cfg["weight_init"])
+
+    def factory() -> hk.Module:
+        if cfg["name"] == "segnn":
+            return SEGNN(irreps, output_irreps, cfg["num_layers"], **common, name="segnn")
+        return SEConv(irreps, output_irreps, cfg["num_layers"],
+                      nonlinear=cfg["name"] == "seconv_nonlinear", **common, name="seconv")
+
+    return factory

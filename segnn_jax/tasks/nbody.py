@@ -1,0 +1,535 @@
+"""The N-body task: simulated systems -> steerable graphs -> SEGNN -> predicted positions.
+
+Pipeline (SEGNN.md section 2.7, with the graph centroid instead of the reference's centring):
+
+* node input ``x_i = [p_i - c (1o), v_i (1o), |v_i| (0e)]``, irreps ``2x1o+1x0e``, where ``c`` is
+  the centroid of the node's graph (mean over its real nodes).
+  ``centering="reference_per_particle"`` reproduces the reference instead,
+  ``p_i - mean(p_i[x], p_i[y], p_i[z])`` (a per-particle mean over the three coordinates): it is
+  NOT rotation- or translation-equivariant, and exists only to compare with the reference;
+* edge attribute ``a_ij = Y(x_j - x_i)`` up to ``lmax_attr``, "integral" normalisation;
+* node attribute ``a_i = mean_j a_ij + Y(v_i)`` (l = 0 component 1);
+* extra message features ``[|x_j - x_i|, q_i q_j]`` (charged) or ``[|x_j - x_i|, m_i m_j]``
+  (gravity), chosen by whether the graph's nodes carry "charges";
+* output ``1x1o`` per node, added to the input position: the predicted position at the target frame.
+
+The loss is the MSE over all elements (systems x bodies x coordinates), the formula of the trivial
+baselines of :func:`segnn_jax.datasets.nbody.trivial_baselines`: ``loss_fn`` returns the sum of
+squared errors over the real nodes and ``count = 3 x real nodes``.
+
+The config (see ``segnn_jax/configs/nbody_charged.py``) has the sections ``data``, ``batch``,
+``model`` (:mod:`segnn_jax.tasks.models`) and ``train`` (:mod:`segnn_jax.training`). Task entry
+points used by the ``segnn`` command: :func:`train` (= :func:`run_nbody`), :func:`evaluate`,
+:func:`predict`.
+
+Shape letters: S systems, N nodes, E edges, G graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from segnn_jax import training
+from segnn_jax.attributes import (
+    SteerableGraphsTuple,
+    edge_attributes,
+    edge_vectors,
+    node_attributes,
+    pair_products,
+    safe_norm,
+)
+from segnn_jax.batching import BatchBudget, GraphLoader, estimate_budget, graph_sizes
+from segnn_jax.datasets import nbody as nbody_data
+from segnn_jax.graph import edge_mask, node_graph_index, node_mask
+from segnn_jax.tasks import TaskInputError, models
+from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+
+__all__ = [
+    "BATCH_DEFAULTS",
+    "CENTERINGS",
+    "DATA_DEFAULTS",
+    "DESCRIPTION",
+    "DOCUMENTED_BASELINES",
+    "NBodyInputError",
+    "evaluate",
+    "featurize",
+    "load_splits",
+    "make_loaders",
+    "make_loss_fn",
+    "make_model",
+    "predict",
+    "restore_params",
+    "run_nbody",
+    "train",
+    "validate_config",
+]
+
+DESCRIPTION = "N-body: predict positions 1000 steps ahead (charged particles, gravity)"
+
+CENTERINGS = ("centroid", "reference_per_particle")
+
+# The reference's numbers on the charged test set (SEGNN.md section 4).
+DOCUMENTED_BASELINES = {"input_position": 0.246, "constant_velocity": 0.122}
+
+DATA_DEFAULTS: Dict[str, Any] = {
+    "dataset": "charged",
+    "n_train": 3000,
+    "n_valid": 2000,
+    "n_test": 2000,
+    "data_dir": None,
+    "input_frame": 30,
+    "target_frame": 40,
+    "neighbours": None,
+    "centering": "centroid",
+}
+
+BATCH_DEFAULTS: Dict[str, Any] = {
+    "batch_size": 100,
+    "eval_batch_size": None,
+    "max_nodes": None,
+    "max_edges": None,
+}
+
+_SECTIONS = ("task", "data", "batch", "model", "train")
+_SPLIT_SIZE = {"train": "n_train", "valid": "n_valid", "test": "n_test"}
+
+
+class NBodyInputError(TaskInputError):
+    """An input file given to :func:`predict` is missing a field or has inconsistent shapes."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def _positive_int(section: Mapping[str, Any], key: str, name: str, *,
+                  optional: bool = False) -> None:
+    value = section[key]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}.{key}: expected a positive integer, got {value!r}")
+
+
+def validate_config(config: Any) -> Dict[str, Any]:
+    """Checks a whole N-body config and returns it as a plain nested dict with defaults filled in.
+
+    Runs on the host before any data is generated or anything is compiled.
+
+    Raises:
+        ConfigError: an unknown option or an invalid value; the message starts with its dotted
+            name (e.g. ``config.batch.batch_size``).
+    """
+    config = to_dict(config) or {}
+    reference = {"task": "nbody", "data": DATA_DEFAULTS, "batch": BATCH_DEFAULTS,
+                 "model": models.default_model_config(), "train": training.TRAIN_DEFAULTS}
+    check_known_options(config, reference)
+    if config.get("task", "nbody") != "nbody":
+        raise ConfigError(f"config.task: expected 'nbody', got {config['task']!r}")
+    data = dict(DATA_DEFAULTS, **(config.get("data") or {}))
+    batch = dict(BATCH_DEFAULTS, **(config.get("batch") or {}))
+    if data["dataset"] not in ("charged", "gravity"):
+        raise ConfigError(f"config.data.dataset: expected 'charged' or 'gravity', "
+                          f"got {data['dataset']!r}")
+    for key in ("n_train", "n_valid", "n_test"):
+        _positive_int(data, key, "config.data")
+    sizes = nbody_data.CHARGED if data["dataset"] == "charged" else nbody_data.GRAVITY
+    for split, key in _SPLIT_SIZE.items():
+        available = int(np.subtract(*sizes.split_range(split)[::-1]))
+        if data[key] > available:
+            raise ConfigError(f"config.data.{key}: the {data['dataset']} {split} split has "
+                              f"{available} systems, got {data[key]}")
+    for key in ("input_frame", "target_frame"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in sizes.frames:
+            raise ConfigError(f"config.data.{key}: not a stored frame of {data['dataset']} "
+                              f"({sizes.frames[0]}..{sizes.frames[-1]}), got {value!r}")
+    if data["target_frame"] <= data["input_frame"]:
+        raise ConfigError(f"config.data.target_frame: must come after input_frame "
+                          f"({data['input_frame']}), got {data['target_frame']}")
+    _positive_int(data, "neighbours", "config.data", optional=True)
+    if data["centering"] not in CENTERINGS:
+        raise ConfigError(f"config.data.centering: expected one of {CENTERINGS}, "
+                          f"got {data['centering']!r}")
+    if data["data_dir"] is not None and not isinstance(data["data_dir"], str):
+        raise ConfigError(f"config.data.data_dir: expected a path or None, "
+                          f"got {data['data_dir']!r}")
+    _positive_int(batch, "batch_size", "config.batch")
+    _positive_int(batch, "eval_batch_size", "config.batch", optional=True)
+    training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
+    return {"task": "nbody", "data": data, "batch": batch,
+            "model": models.validate_model_config(config.get("model")),
+            "train": training.validate_train_config(config.get("train"))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Featurizer and model
+
+
+def _centred_positions(graph: jraph.GraphsTuple, centering: str) -> jnp.ndarray:
+    positions = graph.nodes["positions"]  # [N, 3]
+    if centering == "reference_per_particle":
+        # The reference's pos - pos.mean(1) on an [N, 3] array: each particle's mean over x, y, z.
+        return positions - jnp.mean(positions, axis=1, keepdims=True)
+    if centering != "centroid":
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+    n_nodes, n_graphs = positions.shape[0], graph.n_node.shape[0]
+    index = node_graph_index(graph, n_nodes)
+    weight = node_mask(graph, n_nodes).astype(positions.dtype)  # padding nodes do not count
+    total = jax.ops.segment_sum(positions * weight[:, None], index, num_segments=n_graphs)
+    count = jax.ops.segment_sum(weight, index, num_segments=n_graphs)
+    centroid = total / jnp.maximum(count, 1.0)[:, None]  # [G, 3]
+    return positions - centroid[index]
+
+
+def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int,
+              centering: str = "centroid") -> SteerableGraphsTuple:
+    """The steerable inputs of an N-body graph (pure, jit-able, padding-safe).
+
+    Args:
+        graph: (padded) graph with node fields "positions", "velocities" ``[N, 3]`` and "charges"
+            or "masses" ``[N]``.
+        lmax_attr: highest order of the spherical-harmonic attributes.
+        centering: "centroid" (equivariant) or "reference_per_particle" (the reference's centring,
+            which breaks rotation and translation equivariance; for comparison only).
+
+    Returns:
+        Node features ``[N, 2x1o+1x0e]``, node and edge attributes ``[N or E, sh(lmax_attr)]``,
+        extra message features ``[E, 2x0e]``.
+    """
+    # Host (NumPy) batches are accepted too, e.g. by Haiku's init.
+    graph = jax.tree.map(jnp.asarray, graph)
+    velocities = graph.nodes["velocities"]  # [N, 3]
+    n_nodes = velocities.shape[0]
+    centred = _centred_positions(graph, centering)
+    # Concatenating IrrepsArrays keeps each block's layout; simplify() then merges 1o+1o into 2x1o
+    # without moving data (the two vectors are the two copies of 1o).
+    features = e3nn.concatenate([
+        e3nn.IrrepsArray("1x1o", centred),
+        e3nn.IrrepsArray("1x1o", velocities),
+        e3nn.IrrepsArray("1x0e", safe_norm(velocities, keepdims=True)),
+    ]).simplify()
+    vectors = edge_vectors(graph)  # [E, 3] x_j - x_i
+    edge_attr = edge_attributes(vectors, lmax_attr, normalization="integral")
+    node_attr = node_attributes(edge_attr, graph.receivers, n_nodes, edge_mask=edge_mask(graph),
+                                physical_vectors=[velocities], normalization="integral")
+    scalar = graph.nodes["charges"] if "charges" in graph.nodes else graph.nodes["masses"]
+    extra = e3nn.IrrepsArray("2x0e", jnp.stack(
+        [safe_norm(vectors), pair_products(scalar, graph)], axis=-1).astype(vectors.dtype))
+    return SteerableGraphsTuple(graph, features, node_attr, edge_attr, extra)
+
+
+def make_model(config: Any) -> hk.TransformedWithState:
+    """``forward(graph, is_training=False) -> [N, 3]`` predicted positions, transformed by Haiku.
+
+    Args:
+        config: a whole N-body config (validated here).
+    """
+    cfg = validate_config(config)
+    factory = models.create_model(cfg["model"], output_irreps="1x1o")
+    lmax_attr, centering = cfg["model"]["lmax_attr"], cfg["data"]["centering"]
+
+    def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
+        st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering)
+        displacement = factory()(st_graph, is_training)  # [N, 1x1o]
+        return graph.nodes["positions"] + displacement.array
+
+    return hk.transform_with_state(forward)
+
+
+def make_loss_fn(model: hk.TransformedWithState):
+    """The engine's objective: squared error summed over real nodes and xyz, count = 3 x nodes."""
+
+    def loss_fn(params, model_state, graph, rng, is_training):
+        predicted, model_state = model.apply(params, model_state, rng, graph, is_training)  # [N, 3]
+        mask = node_mask(graph, predicted.shape[0])
+        squared = jnp.sum((predicted - graph.nodes["targets"]) ** 2, axis=-1)  # [N]
+        loss_sum = jnp.sum(jnp.where(mask, squared, 0.0))
+        count = 3.0 * jnp.sum(mask).astype(predicted.dtype)
+        return loss_sum, ({"count": count}, model_state)
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(config: Any, splits=("train", "valid", "test"), *,
+                progress: bool = True) -> Dict[str, nbody_data.NBodyData]:
+    """Loads (simulating and caching on first use) the requested splits of a config's data set."""
+    data = validate_config(config)["data"]
+    return {split: nbody_data.load_nbody(
+        data["dataset"], split, data[_SPLIT_SIZE[split]], data["data_dir"],
+        input_frame=data["input_frame"], target_frame=data["target_frame"], progress=progress)
+        for split in splits}
+
+
+def _graphs(cfg: Dict[str, Any], data: nbody_data.NBodyData) -> list:
+    return nbody_data.nbody_graphs(data, k=cfg["data"]["neighbours"])
+
+
+def _budget(cfg: Dict[str, Any], graphs: list, batch_size: int) -> BatchBudget:
+    batch = cfg["batch"]
+    n_node, n_edge = graph_sizes(graphs)
+    training.check_budgets({"max_nodes": batch["max_nodes"], "max_edges": batch["max_edges"]},
+                           {"max_nodes": int(n_node.max()), "max_edges": int(n_edge.max())},
+                           padding={"max_nodes": 1})
+    estimate = estimate_budget(graphs, batch_size)
+    return BatchBudget(batch["max_nodes"] or estimate.n_node, batch["max_edges"] or estimate.n_edge,
+                       batch_size + 1)
+
+
+def make_loaders(config: Any, splits: Mapping[str, nbody_data.NBodyData]) -> Dict[str, GraphLoader]:
+    """Graph loaders for the given splits; the training one shuffles with ``config.train.seed``.
+
+    Budgets are estimated from the training graphs when present, else from the first split given
+    (``config.batch.max_nodes`` / ``max_edges`` override them).
+
+    Raises:
+        ConfigError: a configured budget smaller than the largest graph.
+        PaddingBudgetError: a graph of another split does not fit the estimated budget.
+    """
+    cfg = validate_config(config)
+    graphs = {split: _graphs(cfg, data) for split, data in splits.items()}
+    reference = graphs["train"] if "train" in graphs else next(iter(graphs.values()))
+    batch_size = cfg["batch"]["batch_size"]
+    eval_size = cfg["batch"]["eval_batch_size"] or batch_size
+    loaders = {}
+    for split, split_graphs in graphs.items():
+        size = batch_size if split == "train" else eval_size
+        loaders[split] = GraphLoader(split_graphs, size, budget=_budget(cfg, reference, size),
+                                     shuffle=split == "train", seed=int(cfg["train"]["seed"]))
+    return loaders
+
+
+# --------------------------------------------------------------------------------------------------
+# Training, evaluation, prediction
+
+
+def _report(result_best: Optional[Dict[str, Any]], baselines: Dict[str, Dict[str, float]]) -> str:
+    lines = ["", "N-body test MSE (mean over systems, bodies and coordinates):"]
+    if result_best is not None and "test" in result_best:
+        lines.append(f"  model at best validation (epoch {result_best['epoch'] + 1}): "
+                     f"{result_best['test']['loss']:.5f}  "
+                     f"(validation {result_best['val']['loss']:.5f})")
+    test = baselines.get("test", {})
+    for key, label in (("input_position", "input position"),
+                       ("constant_velocity", "constant velocity")):
+        lines.append(f"  trivial baseline, {label:17s}: {test.get(key, float('nan')):.5f} on this "
+                     f"test set (documented {DOCUMENTED_BASELINES[key]})")
+    return "\n".join(lines)
+
+
+def run_nbody(config: Any, run_dir: Union[str, Path], *, command: Optional[str] = None,
+              progress: bool = True) -> Dict[str, Any]:
+    """Trains and evaluates on N-body data, writes the run directory and ``results.json``.
+
+    Test MSE is reported at the best validation evaluation (every ``config.train.eval_every``
+    epochs), next to the two trivial baselines computed on the same test set and their documented
+    values.
+
+    Args:
+        config: the whole N-body config.
+        run_dir: the run directory (resumed if it holds checkpoints).
+        command: the command line to record (default: ``sys.argv``).
+        progress: progress bar while simulating data.
+
+    Returns:
+        The results written to ``run_dir/results.json``: ``test_mse``, ``val_mse``, ``best_epoch``
+        (epochs trained when the best validation was reached), ``epochs``, ``n_train``,
+        ``wall_time_s``, ``command``, ``git_revision``, ``baselines`` and more.
+    """
+    cfg = validate_config(config)
+    run_dir = Path(run_dir).resolve()  # orbax checkpoints need an absolute path
+    start = time.perf_counter()
+    splits = load_splits(cfg, progress=progress)
+    loaders = make_loaders(cfg, splits)
+    baselines = {split: nbody_data.trivial_baselines(data) for split, data in splits.items()}
+    print(f"trivial baselines on the test set: input position "
+          f"{baselines['test']['input_position']:.4f}, constant velocity "
+          f"{baselines['test']['constant_velocity']:.4f} (documented 0.246 and 0.122)", flush=True)
+    model = make_model(cfg)
+    result = training.fit(
+        model.init, make_loss_fn(model), loaders["train"], config=cfg["train"], run_dir=run_dir,
+        val_data=loaders["valid"], test_data=loaders["test"], full_config=cfg,
+        data_stats={"train": loaders["train"].describe(), "baselines": baselines,
+                    "dataset": cfg["data"]["dataset"]})
+    best = result.best
+    results = {
+        "task": "nbody",
+        "dataset": cfg["data"]["dataset"],
+        "model": cfg["model"]["name"],
+        "test_mse": best["test"]["loss"] if best else None,
+        "val_mse": best["val"]["loss"] if best else None,
+        "best_epoch": best["epoch"] + 1 if best else None,
+        "best_step": best["step"] if best else None,
+        "epochs": cfg["train"]["num_epochs"],
+        "n_train": cfg["data"]["n_train"],
+        "n_valid": cfg["data"]["n_valid"],
+        "n_test": cfg["data"]["n_test"],
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "command": command if command is not None else " ".join(sys.argv),
+        "git_revision": training.git_revision(),
+        "baselines": baselines,
+        "documented_baselines": DOCUMENTED_BASELINES,
+        "num_parameters": training.count_parameters(result.state.params),
+        "compilations": len(result.compilations),
+    }
+    training.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    print(_report(best, baselines), flush=True)
+    return results
+
+
+def train(config: Any, run_dir: Union[str, Path], *,
+          command: Optional[str] = None) -> Dict[str, Any]:
+    """The ``segnn train`` entry point of this task: :func:`run_nbody`."""
+    return run_nbody(config, run_dir, command=command)
+
+
+def _read_run_config(run_dir: Path) -> Dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return validate_config(json.loads(path.read_text()))
+
+
+def restore_params(config: Any, run_dir: Union[str, Path], example: jraph.GraphsTuple):
+    """Parameters and model state of the best-by-validation checkpoint of a run.
+
+    Returns the EMA parameters when the run kept them and evaluated with them.
+
+    Returns:
+        ``(params, model_state, step)``.
+
+    Raises:
+        CheckpointError: no usable checkpoint, or one of another model.
+    """
+    cfg = validate_config(config)
+    model = make_model(cfg)
+    train_cfg = cfg["train"]
+    optimizer, _ = training.make_optimizer(train_cfg["optimizer"],
+                                           total_steps=max(int(train_cfg["num_epochs"]), 1),
+                                           steps_per_epoch=1)
+    ema = train_cfg["ema_decay"] is not None
+    # Only the structure, shapes and dtypes of the template matter to the restore.
+    template = jax.eval_shape(
+        lambda: training.init_train_state(model.init, optimizer,
+                                          jax.random.PRNGKey(int(train_cfg["seed"])), example,
+                                          ema=ema))
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    manager = training.CheckpointManager(Path(run_dir).resolve() / "checkpoints",
+                                         keep=int(train_cfg["keep_checkpoints"]))
+    state, _, step = manager.restore_best(template)
+    params = state.ema_params if ema and train_cfg["eval_with_ema"] else state.params
+    return params, state.model_state, step
+
+
+def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
+    """Evaluates the best checkpoint of a run on a split (``segnn evaluate``).
+
+    Returns:
+        ``{"split", "mse", "count", "checkpoint_step", "baselines"}``.
+    """
+    if split not in _SPLIT_SIZE:
+        raise ValueError(f"split must be one of {tuple(_SPLIT_SIZE)}, got {split!r}")
+    cfg = _read_run_config(Path(run_dir))
+    data = load_splits(cfg, (split,))
+    loader = make_loaders(cfg, data)[split]
+    model = make_model(cfg)
+    params, model_state, step = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
+    metrics = training.evaluate(training.make_eval_step(make_loss_fn(model)), params, model_state,
+                                loader)
+    out = {"split": split, "mse": metrics["loss"], "count": metrics["count"],
+           "checkpoint_step": step, "baselines": nbody_data.trivial_baselines(data[split])}
+    return out
+
+
+def _read_input(path: Path, dataset: str) -> Dict[str, np.ndarray]:
+    scalar = "charges" if dataset == "charged" else "masses"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError) as e:
+        raise NBodyInputError(f"{path}: not a readable .npz file ({e})") from e
+    for key in ("positions", "velocities") + ((scalar,) if dataset == "charged" else ()):
+        if key not in arrays:
+            raise NBodyInputError(f"{path}: missing array {key!r} (has {sorted(arrays)})")
+    positions = arrays["positions"].astype(np.float32)
+    if positions.ndim == 2:
+        arrays = {k: v[None] for k, v in arrays.items()}
+        positions = positions[None]
+    if positions.ndim != 3 or positions.shape[-1] != 3:
+        raise NBodyInputError(f"{path}: positions must be [S, N, 3] or [N, 3], "
+                              f"got {arrays['positions'].shape}")
+    s, n = positions.shape[:2]
+    velocities = arrays["velocities"].astype(np.float32)
+    if velocities.shape != positions.shape:
+        raise NBodyInputError(f"{path}: velocities have shape {velocities.shape}, positions "
+                              f"{positions.shape}")
+    values = arrays.get(scalar, np.ones((s, n))).astype(np.float32)
+    if values.shape != (s, n):
+        raise NBodyInputError(f"{path}: {scalar} must have shape {(s, n)}, got {values.shape}")
+    for key, value in (("positions", positions), ("velocities", velocities), (scalar, values)):
+        if not np.all(np.isfinite(value)):
+            raise NBodyInputError(f"{path}: {key} holds non-finite values")
+    return {"positions": positions, "velocities": velocities, scalar: values}
+
+
+def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
+            output_path: Union[str, Path, None] = None) -> Path:
+    """Predicts target-frame positions for new systems with the best checkpoint of a run.
+
+    The input is an ``.npz`` file with ``positions`` and ``velocities`` ``[S, N, 3]`` (or ``[N, 3]``
+    for one system) at the input frame, and ``charges`` ``[S, N]`` (charged runs) or optionally
+    ``masses`` ``[S, N]`` (gravity runs; ones by default). The output ``.npz`` holds
+    ``positions`` ``[S, N, 3]``, the predicted positions at the target frame.
+
+    Args:
+        run_dir: a trained run directory.
+        input_path: the input file.
+        output_path: where to write; default ``<input stem>_predicted.npz`` next to the input.
+
+    Returns:
+        The output path.
+
+    Raises:
+        NBodyInputError: a missing array, inconsistent shapes or non-finite values.
+    """
+    input_path = Path(input_path)
+    cfg = _read_run_config(Path(run_dir))
+    dataset = cfg["data"]["dataset"]
+    arrays = _read_input(input_path, dataset)
+    s, n = arrays["positions"].shape[:2]
+    data = nbody_data.NBodyData(
+        positions=arrays["positions"], velocities=arrays["velocities"],
+        charges=arrays.get("charges"), masses=arrays.get("masses", np.ones((s, n), np.float32)),
+        targets=np.zeros_like(arrays["positions"]), horizon=float("nan"), name=dataset)
+    graphs = _graphs(cfg, data)
+    eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
+    loader = GraphLoader(graphs, eval_size, budget=_budget(cfg, graphs, eval_size))
+    model = make_model(cfg)
+    params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
+    apply = jax.jit(lambda p, st, g: model.apply(p, st, None, g, False)[0])
+    # The loader keeps the data order when not shuffling, so the real nodes of the batches,
+    # concatenated, are the input's nodes in order.
+    rows = []
+    for batch in loader.epoch_batches(0):
+        predicted = np.asarray(apply(params, model_state, batch))
+        rows.append(predicted[np.asarray(node_mask(batch, predicted.shape[0]))])
+    positions = np.concatenate(rows).reshape(s, n, 3)
+    output_path = Path(output_path) if output_path is not None else \
+        input_path.with_name(input_path.stem + "_predicted.npz")
+    np.savez(output_path, positions=positions)
+    return output_path

@@ -1,0 +1,222 @@
+"""The N-body task (segnn_jax.tasks.nbody, segnn_jax.tasks.models): featurizer, equivariance from
+raw simulation input, loss, a few training steps, overfitting, config validation."""
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from segnn_jax.batching import GraphLoader
+from segnn_jax.configs import load_config
+from segnn_jax.datasets import nbody as nbody_data
+from segnn_jax.graph import batch_graphs, pad_graph
+from segnn_jax.tasks import models, nbody
+from segnn_jax.training import ConfigError, init_train_state, make_train_step
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    config = load_config("test_nbody")
+    config.data.data_dir = str(tmp_path_factory.mktemp("nbody_data"))
+    return config
+
+
+@pytest.fixture(scope="module")
+def splits(config):
+    return nbody.load_splits(config, progress=False)
+
+
+def _batch(data, n_pad_graphs=1):
+    """All systems of ``data`` in one padded batch (room for two padding graphs' worth of rows)."""
+    graph = batch_graphs(nbody_data.nbody_graphs(data))
+    n_node, n_edge = int(graph.n_node.sum()), int(graph.n_edge.sum())
+    return pad_graph(graph, n_node + 3, n_edge + 8, len(graph.n_node) + n_pad_graphs)
+
+
+def _transformed(data, rotation, translation, permutation):
+    """The systems rotated/reflected (x -> x R^T + t, v -> v R^T) with their bodies permuted."""
+    return data._replace(
+        positions=(data.positions @ rotation.T + translation)[:, permutation].astype(np.float32),
+        velocities=(data.velocities @ rotation.T)[:, permutation].astype(np.float32),
+        charges=data.charges[:, permutation],
+        targets=(data.targets @ rotation.T + translation)[:, permutation].astype(np.float32))
+
+
+def _random_orthogonal(key):
+    rotation = np.asarray(e3nn.rand_matrix(key, ()), np.float64)
+    return rotation @ np.diag([1.0, 1.0, -1.0])  # det -1: a rotation composed with a reflection
+
+
+def test_featurize_layout_and_values(splits):
+    data = splits["train"]
+    batch = _batch(data)
+    st = jax.jit(lambda g: nbody.featurize(g, lmax_attr=1))(batch)
+    n = data.positions.size // 3
+    assert st.node_features.irreps == e3nn.Irreps("2x1o+1x0e")
+    positions = data.positions.reshape(-1, 3)
+    centred = (data.positions - data.positions.mean(axis=1, keepdims=True)).reshape(-1, 3)
+    velocities = data.velocities.reshape(-1, 3)
+    features = np.asarray(st.node_features.array)[:n]
+    np.testing.assert_allclose(features[:, 0:3], centred, atol=1e-5)
+    np.testing.assert_allclose(features[:, 3:6], velocities, atol=1e-6)
+    np.testing.assert_allclose(features[:, 6], np.linalg.norm(velocities, axis=1), rtol=1e-5)
+    # Extra message features [|x_j - x_i|, q_i q_j] on the real edges.
+    s, r = batch.senders[:20], batch.receivers[:20]
+    extra = np.asarray(st.additional_message_features.array)[:20]
+    np.testing.assert_allclose(extra[:, 0], np.linalg.norm(positions[s] - positions[r], axis=1),
+                               rtol=1e-5)
+    charges = data.charges.reshape(-1)
+    np.testing.assert_array_equal(extra[:, 1], charges[s] * charges[r])
+    assert st.node_attributes.irreps == st.edge_attributes.irreps == e3nn.Irreps("0e+1o")
+    np.testing.assert_array_equal(np.asarray(st.node_attributes.array)[:, 0], 1.0)
+    assert np.all(np.isfinite(np.asarray(st.node_features.array)))  # padding rows too
+
+
+def test_centroid_features_are_translation_invariant_reference_centring_is_not(splits):
+    data = splits["train"]
+    shifted = data._replace(positions=data.positions + np.float32([3.0, -1.0, 2.0]))
+    for centering, invariant in (("centroid", True), ("reference_per_particle", False)):
+        def features(g, centering=centering):
+            return nbody.featurize(g, lmax_attr=1, centering=centering).node_features
+
+        before = jax.jit(features)(_batch(data)).array
+        after = jax.jit(features)(_batch(shifted)).array
+        assert np.allclose(before, after, atol=1e-5) == invariant, centering
+
+
+def _predictor(model, params, state):
+    """``data -> [S, N, 3]`` predicted positions; one compilation for all data of one size."""
+    apply = jax.jit(lambda g: model.apply(params, state, None, g)[0])
+
+    def predict(data):
+        out = apply(_batch(data))
+        return np.asarray(out)[:data.positions.size // 3].reshape(data.positions.shape)
+
+    return predict
+
+
+@pytest.mark.parametrize("centering", ["centroid", "reference_per_particle"])
+def test_equivariance_end_to_end_from_raw_simulation_input(config, splits, keys, centering):
+    """Rotate+reflect+translate positions and velocities and permute the bodies of raw simulated
+    systems: the predicted positions transform the same way, unless the reference's centring is
+    used (which the project keeps only for comparison)."""
+    cfg = nbody.validate_config(config)
+    cfg["data"]["centering"] = centering
+    model = nbody.make_model(cfg)
+    data = splits["test"]
+    params, state = jax.jit(model.init)(next(keys), _batch(data))
+    rotation = _random_orthogonal(next(keys))
+    translation = np.array([2.5, -1.0, 4.0])
+    permutation = np.array([3, 0, 4, 1, 2])
+    predict = _predictor(model, params, state)
+    predicted = predict(data)
+    moved = predict(_transformed(data, rotation, translation, permutation))
+    expected = (predicted @ rotation.T + translation)[:, permutation]
+    relative = np.max(np.abs(moved - expected)) / np.max(np.abs(expected))
+    # The displacement (output minus input position) is what the network computes; compare it on
+    # its own scale too, so a small untrained output cannot hide an error.
+    displacement = expected - _transformed(data, rotation, translation, permutation).positions
+    relative_displacement = np.max(np.abs(moved - expected)) / np.max(np.abs(displacement))
+    if centering == "centroid":
+        assert relative < 1e-4 and relative_displacement < 1e-3, (relative, relative_displacement)
+    else:
+        assert relative_displacement > 0.05, "the reference's centring should break equivariance"
+
+
+def test_loss_is_the_mse_over_all_elements_and_ignores_padding(config, splits, keys):
+    """With zero output weights the model predicts the input position, so the loss must equal the
+    input-position baseline of the data layer, whatever the padding."""
+    model = nbody.make_model(config)
+    loss_fn = nbody.make_loss_fn(model)
+    data = splits["valid"]
+    params, state = jax.jit(model.init)(next(keys), _batch(data))
+    params = jax.tree.map(jnp.zeros_like, params)
+    expected = nbody_data.trivial_baselines(data)["input_position"]
+    for pads in (1, 3):
+        loss_sum, (sums, _) = loss_fn(params, state, _batch(data, pads), None, False)
+        assert float(sums["count"]) == data.positions.size
+        np.testing.assert_allclose(float(loss_sum) / float(sums["count"]), expected, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trainer(config, splits):
+    """A jitted train step of the tiny model (learning rate 3e-3) and the batch of 8 systems."""
+    cfg = nbody.validate_config(config)
+    cfg["model"]["hidden_features"] = 16
+    model = nbody.make_model(cfg)
+    data = nbody_data.NBodyData(*[x[:8] if isinstance(x, np.ndarray) else x
+                                  for x in splits["train"]])
+    batch = jax.device_put(_batch(data))
+    optimizer = optax.adam(3e-3)
+    state = init_train_state(model.init, optimizer, jax.random.PRNGKey(0), batch)
+    step = make_train_step(nbody.make_loss_fn(model), optimizer, donate=False)
+    return step, state, batch, data
+
+
+def test_a_few_training_steps_reduce_the_loss(trainer):
+    step, state, batch, _ = trainer
+    losses = []
+    for _ in range(5):
+        state, sums = step(state, batch)
+        losses.append(float(sums["loss_sum"]) / float(sums["count"]))
+    assert losses[-1] < losses[0]
+
+
+def test_overfitting_8_systems_goes_far_below_the_constant_velocity_baseline(trainer):
+    step, state, batch, data = trainer
+    baseline = nbody_data.trivial_baselines(data)["constant_velocity"]
+    for _ in range(400):
+        state, sums = step(state, batch)
+    mse = float(sums["loss_sum"]) / float(sums["count"])
+    assert mse < 0.2 * baseline, (mse, baseline)
+
+
+def test_loaders_cover_every_system_once_with_a_bounded_number_of_shapes(config, splits):
+    loaders = nbody.make_loaders(config, splits)
+    assert isinstance(loaders["train"], GraphLoader) and loaders["train"].shuffle
+    for split, loader in loaders.items():
+        seen = sum(int(np.sum(b.globals["graph_mask"])) for b in loader.epoch_batches(0))
+        assert seen == len(splits[split].positions)
+        assert len(loader.buckets) <= 5
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("batch", "batch_size", -1, "config.batch.batch_size"),
+    ("batch", "max_nodes", 0, "config.batch.max_nodes"),
+    ("data", "n_train", 20_000, "config.data.n_train"),
+    ("data", "centering", "per_particle", "config.data.centering"),
+    ("data", "target_frame", 20, "config.data.target_frame"),
+    ("model", "name", "egnn", "config.model.name"),
+    ("model", "hidden_irreps", "not irreps", "config.model.hidden_irreps"),
+    ("train", "num_epochs", 0, "config.train.num_epochs"),
+])
+def test_invalid_options_are_named(config, section, key, value, message):
+    cfg = nbody.validate_config(config)
+    cfg[section][key] = value
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        nbody.validate_config(cfg)
+
+
+def test_budget_smaller_than_a_graph_is_rejected(config, splits):
+    cfg = nbody.validate_config(config)
+    cfg["batch"]["max_edges"] = 10
+    with pytest.raises(ConfigError, match=r"config\.batch\.max_edges"):
+        nbody.make_loaders(cfg, splits)
+
+
+def test_create_model_builds_each_model_and_weight_balanced_irreps():
+    assert models.hidden_irreps({"hidden_features": 64}) == e3nn.Irreps("32x0e+32x1o")
+    explicit = "4x0e+2x1o+1x2e"
+    assert models.hidden_irreps({"hidden_irreps": explicit}) == e3nn.Irreps(explicit)
+    names = {}
+    for name in models.MODEL_NAMES:
+        factory = models.create_model({"name": name, "num_layers": 1}, output_irreps="1x1o")
+        module = hk.transform(factory).apply({}, None)
+        names[name] = (type(module).__name__, getattr(module, "nonlinear", None))
+    assert names == {"segnn": ("SEGNN", None), "seconv_linear": ("SEConv", False),
+                     "seconv_nonlinear": ("SEConv", True)}
+    with pytest.raises(ConfigError, match=r"config\.model\.num_layer"):
+        models.create_model({"num_layer": 2}, output_irreps="1x1o")
