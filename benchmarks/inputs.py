@@ -111,8 +111,15 @@ def _molecule_like(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(positions), np.asarray(numbers)
 
 
-def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0) -> Tuple[Dict[str, np.ndarray], str]:
+def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0,
+              use_data: bool = True) -> Tuple[Dict[str, np.ndarray], str]:
     """QM9 molecules (a seeded sample of the installed data) or molecule-like stand-ins.
+
+    Args:
+        n_graphs: molecules in the batch.
+        cutoff: radius graph cutoff in Angstrom.
+        seed: of the sample (or of the stand-ins).
+        use_data: False skips the data and always builds stand-ins.
 
     Returns:
         ``(batch, source)`` with source ``"qm9"`` or ``"random molecule-like graphs"``.
@@ -121,10 +128,12 @@ def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0) -> Tuple[
     from segnn_jax.graph import radius_graph_edges
 
     rng = np.random.default_rng(seed)
-    try:
-        molecules = qm9.load_qm9()
-    except qm9.QM9DataNotFoundError:
-        molecules = None
+    molecules = None
+    if use_data:
+        try:
+            molecules = qm9.load_qm9()
+        except qm9.QM9DataNotFoundError:
+            pass
     parts = []
     if molecules is not None:
         chosen = np.sort(rng.choice(len(molecules), size=n_graphs, replace=False))
@@ -144,7 +153,7 @@ def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0) -> Tuple[
 
 
 OC20_METALS = ("Cu", "Pt", "Ag", "Pd", "Au", "Ni", "Rh", "Al")
-OC20_ADSORBATES = ("CO", "OH", "CH3", "NH2", "H2O", "CH2", "N2", "CO2")
+OC20_ADSORBATES = ("CO", "OH", "CH3", "NH2", "H2O", "CH", "N2", "CO2")  # ASE g2 names
 
 
 def oc20_batch(n_graphs: int = 8, cutoff: float = 6.0, seed: int = 0) -> Dict[str, np.ndarray]:

@@ -184,6 +184,8 @@ def main(argv=None) -> dict:
                         help="stop timing a function after this long (at least 3 calls)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other configurations' records already in --out")
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process (peak RSS then covers all configurations)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -210,8 +212,11 @@ def main(argv=None) -> dict:
     result["matmul_float32"] = common.matmul_gflops()
     print(f"float32 2048x2048 matmul: {result['matmul_float32']['median_gflops']:.1f} GFLOP/s (median)")
     result["configs"] = {}
+    if args.update and args.out is not None and args.out.exists():
+        result["configs"] = json.loads(args.out.read_text()).get("configs", {})
     for name in args.configs:
         start = time.perf_counter()
+        cpu_before = common.cpu_info()
         try:
             if args.in_process:
                 record = measure(name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"])
@@ -229,6 +234,9 @@ def main(argv=None) -> dict:
         except Exception as error:  # one failing configuration must not lose the others' figures
             record = {"error": f"{type(error).__name__}: {error}"}
         record["wall_s"] = time.perf_counter() - start
+        record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record["load_average_before"] = cpu_before["load_average_1_5_15"]
+        record["matmul_float32_gflops_same_run"] = result["matmul_float32"]["median_gflops"]
         result["configs"][name] = record
         _print_record(name, record)
     result["cpu_after"] = common.cpu_info()

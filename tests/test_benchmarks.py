@@ -1,0 +1,127 @@
+"""Smoke tests of the benchmark code on tiny configurations (no timing assertions)."""
+
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, inputs, throughput
+
+
+def tiny_spec(name, **overrides):
+    """A configuration's settings with a small model, so compilation takes seconds."""
+    return dict(inputs.CONFIGS[name], name=name, **overrides)
+
+
+def test_nbody_batch_has_reference_sizes():
+    arrays = inputs.nbody_batch()
+    assert arrays["positions"].shape == (500, 3)
+    assert arrays["senders"].shape == arrays["receivers"].shape == (2000,)
+    assert arrays["features"].shape == (500, 7)
+    assert arrays["n_node"].tolist() == [5] * 100 and arrays["n_edge"].tolist() == [20] * 100
+    # Every edge stays inside its own system (offsets applied per graph).
+    assert np.array_equal(arrays["senders"] // 5, arrays["receivers"] // 5)
+    assert not np.any(arrays["senders"] == arrays["receivers"])
+
+
+def test_molecule_like_stand_ins_are_valid_radius_graphs():
+    arrays, source = inputs.qm9_batch(n_graphs=6, use_data=False)
+    assert source == "random molecule-like graphs"
+    vectors = arrays["positions"][arrays["senders"]] - arrays["positions"][arrays["receivers"]]
+    lengths = np.linalg.norm(vectors, axis=1)
+    assert np.all(lengths < 2.0) and np.all(lengths > 0.9)
+    assert arrays["n_node"].sum() == len(arrays["positions"]) == len(arrays["features"])
+    assert arrays["n_edge"].sum() == len(arrays["senders"])
+    np.testing.assert_array_equal(arrays["features"].sum(axis=1), 1.0)
+
+
+def test_oc20_batch_edges_respect_the_cutoff_under_pbc():
+    arrays = inputs.oc20_batch(n_graphs=2, cutoff=4.0)
+    vectors = (arrays["positions"][arrays["senders"]] - arrays["positions"][arrays["receivers"]]
+               + arrays["shifts"])
+    lengths = np.linalg.norm(vectors, axis=1)
+    assert np.all(lengths < 4.0 + 1e-4) and np.all(lengths > 0.5)
+    assert np.any(np.abs(arrays["shifts"]).sum(axis=1) > 0), "a periodic slab has edges across the cell"
+    assert arrays["atomic_numbers"].shape == (arrays["n_node"].sum(),)
+    assert arrays["targets"].shape == (2, 1)
+
+
+def test_build_rejects_unknown_configuration():
+    with pytest.raises(inputs.UnknownConfigError, match="nbody"):
+        inputs.build("md17")
+
+
+def test_save_load_round_trip(tmp_path):
+    arrays = inputs.nbody_batch(n_graphs=2)
+    spec = tiny_spec("nbody", source="test")
+    inputs.save(tmp_path / "batch.npz", arrays, spec)
+    loaded, loaded_spec = inputs.load(tmp_path / "batch.npz")
+    assert loaded_spec == spec
+    assert sorted(loaded) == sorted(arrays)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(loaded[key], value)
+        assert loaded[key].dtype == value.dtype
+
+
+def test_summarise_reports_milliseconds():
+    summary = common.summarise([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert summary["median_ms"] == pytest.approx(3.0)
+    assert summary["iqr_ms"] == pytest.approx(2.0)
+    assert summary["min_ms"] == pytest.approx(1.0)
+    assert summary["runs"] == 5
+
+
+def test_time_calls_stops_at_the_time_budget_after_three_calls():
+    calls = []
+    durations = common.time_calls(lambda: calls.append(1) or jnp.zeros(()), repeats=100, max_seconds=0.0)
+    assert len(durations) == len(calls) == 3
+
+
+def test_cost_flops_counts_a_matmul():
+    x = jnp.ones((16, 32), jnp.float32)
+    y = jnp.ones((32, 8), jnp.float32)
+    compiled, seconds, flops = common.compile_timed(jnp.matmul, x, y)
+    assert seconds > 0
+    if flops is None:
+        pytest.skip("this backend gives no cost analysis")
+    assert flops == pytest.approx(2 * 16 * 32 * 8, rel=0.1)
+    np.testing.assert_allclose(compiled(x, y), 32.0)
+
+
+def test_train_step_rejects_unknown_loss():
+    with pytest.raises(ValueError, match="loss"):
+        common.make_train_step(lambda p, s, b: (p, s), "huber")
+
+
+def test_our_nbody_bench_compiles_trains_and_times():
+    arrays = inputs.nbody_batch(n_graphs=3)
+    bench = throughput.build_ours(arrays, tiny_spec("nbody", hidden="4x0e+2x1o", layers=1))
+    assert bench.n_params > 0
+    forward = bench.compile("forward")
+    step = bench.compile("train_step")
+    assert forward["compile_s"] > 0 and step["compile_s"] > 0
+    assert bench.call("forward").shape == (15, 3)
+    new_params, _, _, loss = bench.call("train_step")
+    assert np.isfinite(float(loss))
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), bench.params, new_params)
+    assert any(jax.tree_util.tree_leaves(changed)), "an Adam step must move the parameters"
+    assert len(bench.time("train_step", repeats=3, max_seconds=0.0, warmup=1)) == 3
+
+
+def test_serve_protocol_on_a_graph_task():
+    arrays, _ = inputs.qm9_batch(n_graphs=3, use_data=False)
+    bench = throughput.build_ours(arrays, tiny_spec("qm9", hidden="4x0e+2x1o", layers=1, lmax=1))
+    requests = io.StringIO("compile forward\ntime forward 3 0\ntime train_step 3 0\nbogus\nquit\n")
+    replies = io.StringIO()
+    common.serve(bench, requests, replies)
+    lines = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert lines[0]["ready"] and lines[0]["params"] == bench.n_params
+    assert lines[0]["versions"]["jax"] == jax.__version__
+    assert lines[1]["compile_s"] > 0
+    assert len(lines[2]["seconds"]) == 3
+    assert "KeyError" in lines[3]["error"], "timing before compiling is reported, not fatal"
+    assert "unknown request" in lines[4]["error"]
+    assert lines[5] == {"bye": True}
