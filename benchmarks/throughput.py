@@ -170,7 +170,7 @@ def _print_record(name: str, r: dict) -> None:
           f"peak RSS {r['peak_rss_mb']:.0f} MiB")
     print(f"  forward {r['forward_ms']:.1f} ms (IQR {r['forward']['iqr_ms']:.1f}, {r['forward']['runs']} runs); "
           f"train step {r['train_step_ms']:.1f} ms (IQR {r['train_step']['iqr_ms']:.1f}, "
-          f"{r['train_step']['runs']} runs); {r['graphs_per_s']:.0f} graphs/s")
+          f"{r['train_step']['runs']} runs); {r['graphs_per_s']:.1f} graphs/s")
     if r.get("gflops_per_step") is not None:
         print(f"  {r['gflops_per_step']:.2f} GFLOP/step -> {r['achieved_gflops']:.1f} GFLOP/s "
               f"({100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate)")
