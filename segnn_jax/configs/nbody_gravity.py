@@ -2,9 +2,10 @@
 
 The model and optimiser are the reference's (SEGNN.md section 3: 4 layers, 64 hidden features,
 Adam 5e-4, L2 weight decay 1e-12, evaluation every 5 epochs). The data budget is reduced so that a
-2-core CPU can afford it: 500 training, 100 validation and 100 test systems (simulating one
-100-body system takes 1-4 s on such a CPU, so the data alone take about 15-45 minutes once, then
-they are cached), batch 25 (2500 nodes, 15,000 edges per batch), 100 epochs.
+2-core CPU can afford it: 500 training, 100 validation and 100 test systems, batch 25 (2500 nodes,
+15,000 edges per batch), 100 epochs. Simulating is the slow part: 130-160 s per chunk of 32
+100-body systems were measured on a shared 2-core CPU, so the 700 systems take roughly 30-60
+minutes the first time (then they are cached).
 
 The full protocol (10,000 training systems, batch 100, 1000 epochs; for a GPU)::
 
