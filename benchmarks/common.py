@@ -12,14 +12,24 @@ import platform
 import resource
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import numpy as np
 
-PACKAGES = ("jax", "jaxlib", "e3nn-jax", "dm-haiku", "optax", "jraph", "numpy", "segnn-jax", "segnn")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "e3nn-jax",
+    "dm-haiku",
+    "optax",
+    "jraph",
+    "numpy",
+    "segnn-jax",
+    "segnn",
+)
 
 
-def versions() -> Dict[str, Optional[str]]:
+def versions() -> dict[str, str | None]:
     """Installed versions of the libraries that matter for speed (None when not installed)."""
     found = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -30,7 +40,7 @@ def versions() -> Dict[str, Optional[str]]:
     return found
 
 
-def cpu_info() -> Dict[str, object]:
+def cpu_info() -> dict[str, object]:
     """CPU model, logical core count, and the 1/5/15-minute load averages at call time."""
     model = platform.processor() or platform.machine()
     try:
@@ -45,8 +55,12 @@ def cpu_info() -> Dict[str, object]:
         load = list(os.getloadavg())
     except OSError:
         load = None
-    return {"model": model, "logical_cores": os.cpu_count(), "load_average_1_5_15": load,
-            "platform": platform.platform()}
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "load_average_1_5_15": load,
+        "platform": platform.platform(),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -55,15 +69,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def device_memory_mb() -> Optional[Dict[str, float]]:
+def device_memory_mb() -> dict[str, float] | None:
     """JAX's allocator statistics of the first device, in MiB, when the backend reports them."""
     import jax
 
     stats = jax.devices()[0].memory_stats()
     if not stats:
         return None
-    return {k: v / 2**20 for k, v in stats.items() if k in ("peak_bytes_in_use", "bytes_in_use",
-                                                              "bytes_limit")}
+    return {
+        k: v / 2**20
+        for k, v in stats.items()
+        if k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    }
 
 
 def block(tree):
@@ -73,15 +90,21 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def summarise(seconds: List[float]) -> Dict[str, float]:
+def summarise(seconds: list[float]) -> dict[str, float]:
     """Median, interquartile range, min and count of a list of durations, in milliseconds."""
     ms = np.asarray(seconds) * 1e3
     q1, med, q3 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": float(med), "iqr_ms": float(q3 - q1), "q1_ms": float(q1), "q3_ms": float(q3),
-            "min_ms": float(ms.min()), "runs": int(ms.size)}
+    return {
+        "median_ms": float(med),
+        "iqr_ms": float(q3 - q1),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "min_ms": float(ms.min()),
+        "runs": int(ms.size),
+    }
 
 
-def time_calls(call: Callable[[], object], repeats: int, max_seconds: float) -> List[float]:
+def time_calls(call: Callable[[], object], repeats: int, max_seconds: float) -> list[float]:
     """Durations of ``repeats`` calls of ``call`` (each blocked until ready), stopping early once
     ``max_seconds`` have been spent (at least 3 calls are always made)."""
     durations = []
@@ -110,11 +133,12 @@ def compile_timed(fn, *args):
     return compiled, seconds, cost_flops(compiled)
 
 
-def cost_flops(compiled) -> Optional[float]:
+def cost_flops(compiled) -> float | None:
     """FLOPs of one call from ``compiled.cost_analysis()`` (a dict, or a list of one in older jax)."""
     try:
         analysis = compiled.cost_analysis()
-    except Exception:  # backends without a cost model raise various errors; the figure is optional
+    # Backends without a cost model raise various errors; the figure is optional.
+    except Exception:  # noqa: BLE001
         return None
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
@@ -123,7 +147,7 @@ def cost_flops(compiled) -> Optional[float]:
     return float(analysis["flops"])
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> Dict[str, float]:
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     """Measured float32 ``n x n`` matrix-multiply rate (GFLOP/s, ``2 n^3`` per product): the
     machine's practical peak against which a model's achieved rate is compared."""
     import jax
@@ -135,8 +159,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> Dict[str, float]:
     block(matmul(a, b))
     durations = time_calls(lambda: matmul(a, b), repeats, max_seconds=10.0)
     flops = 2.0 * n**3
-    return {"n": n, "median_gflops": flops / float(np.median(durations)) / 1e9,
-            "best_gflops": flops / float(np.min(durations)) / 1e9}
+    return {
+        "n": n,
+        "median_gflops": flops / float(np.median(durations)) / 1e9,
+        "best_gflops": flops / float(np.min(durations)) / 1e9,
+    }
 
 
 def make_train_step(apply, loss: str, learning_rate: float = 5e-4):
@@ -162,7 +189,9 @@ def make_train_step(apply, loss: str, learning_rate: float = 5e-4):
 
     def loss_fn(params, state, batch):
         predictions, new_state = apply(params, state, batch)
-        error = jnp.reshape(predictions, batch["targets"].shape).astype(jnp.float32) - batch["targets"]
+        error = (
+            jnp.reshape(predictions, batch["targets"].shape).astype(jnp.float32) - batch["targets"]
+        )
         value = jnp.mean(error**2) if loss == "mse" else jnp.mean(jnp.abs(error))
         return value, new_state
 
@@ -195,13 +224,16 @@ class ModelBench:
         self.step_fn = step
         self.compiled = {}
 
-    def compile(self, which: str) -> Dict[str, Optional[float]]:
+    def compile(self, which: str) -> dict[str, float | None]:
         """Lowers and compiles ``"forward"`` or ``"train_step"``; returns its time and FLOP estimate."""
         if which == "forward":
-            compiled, seconds, flops = compile_timed(self.forward_fn, self.params, self.state, self.batch)
+            compiled, seconds, flops = compile_timed(
+                self.forward_fn, self.params, self.state, self.batch
+            )
         elif which == "train_step":
-            compiled, seconds, flops = compile_timed(self.step_fn, self.params, self.state,
-                                                     self.opt_state, self.batch)
+            compiled, seconds, flops = compile_timed(
+                self.step_fn, self.params, self.state, self.opt_state, self.batch
+            )
         else:
             raise ValueError(f"which must be 'forward' or 'train_step', got {which!r}")
         self.compiled[which] = compiled
@@ -213,14 +245,14 @@ class ModelBench:
             return self.compiled["forward"](self.params, self.state, self.batch)
         return self.compiled["train_step"](self.params, self.state, self.opt_state, self.batch)
 
-    def time(self, which: str, repeats: int, max_seconds: float, warmup: int = 2) -> List[float]:
+    def time(self, which: str, repeats: int, max_seconds: float, warmup: int = 2) -> list[float]:
         """Durations (s) of ``repeats`` blocked calls after ``warmup`` untimed ones."""
         for _ in range(warmup):
             block(self.call(which))
         return time_calls(lambda: self.call(which), repeats, max_seconds)
 
 
-def serve(bench: "ModelBench", stream_in=None, stream_out=None) -> None:
+def serve(bench: ModelBench, stream_in=None, stream_out=None) -> None:
     """Answers timing requests on stdin with one JSON line each on stdout, until ``quit``.
 
     Requests: ``compile forward|train_step``; ``time forward|train_step REPEATS MAX_SECONDS``;
@@ -236,7 +268,14 @@ def serve(bench: "ModelBench", stream_in=None, stream_out=None) -> None:
         stream_out.write(json.dumps(payload) + "\n")
         stream_out.flush()
 
-    reply({"ready": True, "params": bench.n_params, "versions": versions(), "peak_rss_mb": peak_rss_mb()})
+    reply(
+        {
+            "ready": True,
+            "params": bench.n_params,
+            "versions": versions(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
     for line in stream_in:
         words = line.split()
         if not words:
@@ -254,5 +293,6 @@ def serve(bench: "ModelBench", stream_in=None, stream_out=None) -> None:
                 reply({"params": bench.n_params, "peak_rss_mb": peak_rss_mb(), "cpu": cpu_info()})
             else:
                 reply({"error": f"unknown request {line.strip()!r}"})
-        except Exception as error:  # reported to the driver, which records it for this model
+        # Reported to the driver, which records it for this model.
+        except Exception as error:  # noqa: BLE001
             reply({"error": f"{type(error).__name__}: {error}"})

@@ -25,20 +25,55 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
 
-CONFIGS: Dict[str, dict] = {
-    "nbody": dict(hidden="32x0e+32x1o", layers=4, input="2x1o+1x0e", output="1x1o", extra="2x0e",
-                  lmax=1, sh_normalization="integral", task="node", pool="avg", norm=None, loss="mse",
-                  n_graphs=100),
-    "qm9": dict(hidden="36x0e+36x1o+36x2e", layers=7, input="5x0e", output="1x0e", extra="1x0e",
-                lmax=3, sh_normalization="component", task="graph", pool="avg", norm="instance",
-                loss="l1", n_graphs=128, cutoff=2.0),
-    "oc20": dict(hidden="188x0e+61x1o", layers=6, input="embedding(Z)->256x0e", output="1x0e",
-                 extra="1x0e", lmax=2, sh_normalization="component", task="graph", pool="avg",
-                 norm=None, loss="l1", n_graphs=8, cutoff=6.0, embedding_dim=256),
+CONFIGS: dict[str, dict] = {
+    "nbody": {
+        "hidden": "32x0e+32x1o",
+        "layers": 4,
+        "input": "2x1o+1x0e",
+        "output": "1x1o",
+        "extra": "2x0e",
+        "lmax": 1,
+        "sh_normalization": "integral",
+        "task": "node",
+        "pool": "avg",
+        "norm": None,
+        "loss": "mse",
+        "n_graphs": 100,
+    },
+    "qm9": {
+        "hidden": "36x0e+36x1o+36x2e",
+        "layers": 7,
+        "input": "5x0e",
+        "output": "1x0e",
+        "extra": "1x0e",
+        "lmax": 3,
+        "sh_normalization": "component",
+        "task": "graph",
+        "pool": "avg",
+        "norm": "instance",
+        "loss": "l1",
+        "n_graphs": 128,
+        "cutoff": 2.0,
+    },
+    "oc20": {
+        "hidden": "188x0e+61x1o",
+        "layers": 6,
+        "input": "embedding(Z)->256x0e",
+        "output": "1x0e",
+        "extra": "1x0e",
+        "lmax": 2,
+        "sh_normalization": "component",
+        "task": "graph",
+        "pool": "avg",
+        "norm": None,
+        "loss": "l1",
+        "n_graphs": 8,
+        "cutoff": 6.0,
+        "embedding_dim": 256,
+    },
 }
 
 
@@ -46,11 +81,18 @@ class UnknownConfigError(ValueError):
     """Raised for a configuration name not in :data:`CONFIGS`."""
 
 
-def _concatenate(parts: list) -> Dict[str, np.ndarray]:
+def _concatenate(parts: list) -> dict[str, np.ndarray]:
     """Batches per-graph ``(positions, senders, receivers, shifts, extras)`` into one flat graph."""
     node_offset = 0
-    out = {"positions": [], "senders": [], "receivers": [], "shifts": [], "n_node": [], "n_edge": []}
-    extras: Dict[str, list] = {}
+    out = {
+        "positions": [],
+        "senders": [],
+        "receivers": [],
+        "shifts": [],
+        "n_node": [],
+        "n_edge": [],
+    }
+    extras: dict[str, list] = {}
     for positions, senders, receivers, shifts, more in parts:
         out["positions"].append(positions)
         out["senders"].append(senders + node_offset)
@@ -73,7 +115,7 @@ def _concatenate(parts: list) -> Dict[str, np.ndarray]:
     return batch
 
 
-def nbody_batch(n_graphs: int = 100, n_particles: int = 5, seed: int = 0) -> Dict[str, np.ndarray]:
+def nbody_batch(n_graphs: int = 100, n_particles: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     """Charged N-body-like systems: Gaussian positions and velocities, charges +-1, fully connected."""
     from segnn_jax.graph import fully_connected_edges
 
@@ -88,13 +130,24 @@ def nbody_batch(n_graphs: int = 100, n_particles: int = 5, seed: int = 0) -> Dic
         speed = np.linalg.norm(velocities, axis=1, keepdims=True)
         features = np.concatenate([centred, velocities, speed], axis=1)  # 2x1o + 1x0e
         targets = positions + velocities * 0.1 + rng.normal(scale=0.05, size=positions.shape)
-        parts.append((positions, senders, receivers, np.zeros((len(senders), 3)),
-                      {"velocities": velocities.astype(np.float32), "charges": charges.astype(np.float32),
-                       "features": features.astype(np.float32), "targets": targets.astype(np.float32)}))
+        parts.append(
+            (
+                positions,
+                senders,
+                receivers,
+                np.zeros((len(senders), 3)),
+                {
+                    "velocities": velocities.astype(np.float32),
+                    "charges": charges.astype(np.float32),
+                    "features": features.astype(np.float32),
+                    "targets": targets.astype(np.float32),
+                },
+            )
+        )
     return _concatenate(parts)
 
 
-def _molecule_like(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def _molecule_like(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random molecule-like geometry: heavy atoms 1.2-1.6 A from an earlier one, H 1.0-1.1 A."""
     n_heavy = int(rng.integers(3, 10))
     n_h = int(rng.integers(0, 2 * n_heavy + 3))
@@ -111,8 +164,9 @@ def _molecule_like(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(positions), np.asarray(numbers)
 
 
-def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0,
-              use_data: bool = True) -> Tuple[Dict[str, np.ndarray], str]:
+def qm9_batch(
+    n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0, use_data: bool = True
+) -> tuple[dict[str, np.ndarray], str]:
     """QM9 molecules (a seeded sample of the installed data) or molecule-like stand-ins.
 
     Args:
@@ -139,16 +193,34 @@ def qm9_batch(n_graphs: int = 128, cutoff: float = 2.0, seed: int = 0,
         chosen = np.sort(rng.choice(len(molecules), size=n_graphs, replace=False))
         for graph in qm9.molecules_to_graphs(molecules.subset(chosen), cutoff=cutoff):
             n_edge = len(graph.senders)
-            parts.append((graph.nodes["positions"], graph.senders, graph.receivers, np.zeros((n_edge, 3)),
-                          {"features": graph.nodes["features"],
-                           "targets": rng.normal(size=(1, 1)).astype(np.float32)}))
+            parts.append(
+                (
+                    graph.nodes["positions"],
+                    graph.senders,
+                    graph.receivers,
+                    np.zeros((n_edge, 3)),
+                    {
+                        "features": graph.nodes["features"],
+                        "targets": rng.normal(size=(1, 1)).astype(np.float32),
+                    },
+                )
+            )
         return _concatenate(parts), "qm9"
     for _ in range(n_graphs):
         positions, numbers = _molecule_like(rng)
         senders, receivers = radius_graph_edges(positions, cutoff)
-        parts.append((positions, senders, receivers, np.zeros((len(senders), 3)),
-                      {"features": qm9.one_hot_elements(numbers),
-                       "targets": rng.normal(size=(1, 1)).astype(np.float32)}))
+        parts.append(
+            (
+                positions,
+                senders,
+                receivers,
+                np.zeros((len(senders), 3)),
+                {
+                    "features": qm9.one_hot_elements(numbers),
+                    "targets": rng.normal(size=(1, 1)).astype(np.float32),
+                },
+            )
+        )
     return _concatenate(parts), "random molecule-like graphs"
 
 
@@ -156,7 +228,7 @@ OC20_METALS = ("Cu", "Pt", "Ag", "Pd", "Au", "Ni", "Rh", "Al")
 OC20_ADSORBATES = ("CO", "OH", "CH3", "NH2", "H2O", "CH", "N2", "CO2")  # ASE g2 names
 
 
-def oc20_batch(n_graphs: int = 8, cutoff: float = 6.0, seed: int = 0) -> Dict[str, np.ndarray]:
+def oc20_batch(n_graphs: int = 8, cutoff: float = 6.0, seed: int = 0) -> dict[str, np.ndarray]:
     """OC20-like periodic systems: 4x4x4 fcc(111) slabs (10 A vacuum) with an adsorbate on top."""
     from ase.build import add_adsorbate, fcc111, molecule
 
@@ -170,13 +242,22 @@ def oc20_batch(n_graphs: int = 8, cutoff: float = 6.0, seed: int = 0) -> Dict[st
         add_adsorbate(slab, adsorbate, height=rng.uniform(1.5, 2.2), position="fcc")
         slab.rattle(stdev=0.05, seed=seed + index)
         edges = periodic_radius_graph(slab.positions, slab.cell.array, slab.pbc, cutoff)
-        parts.append((slab.positions, edges.senders, edges.receivers, edges.shifts_cartesian,
-                      {"atomic_numbers": slab.numbers.astype(np.int32),
-                       "targets": rng.normal(size=(1, 1)).astype(np.float32)}))
+        parts.append(
+            (
+                slab.positions,
+                edges.senders,
+                edges.receivers,
+                edges.shifts_cartesian,
+                {
+                    "atomic_numbers": slab.numbers.astype(np.int32),
+                    "targets": rng.normal(size=(1, 1)).astype(np.float32),
+                },
+            )
+        )
     return _concatenate(parts)
 
 
-def build(name: str, seed: int = 0) -> Tuple[Dict[str, np.ndarray], dict]:
+def build(name: str, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     """The input batch and settings of configuration ``name``.
 
     Returns:
@@ -199,12 +280,12 @@ def build(name: str, seed: int = 0) -> Tuple[Dict[str, np.ndarray], dict]:
     return arrays, spec
 
 
-def save(path: Path, arrays: Dict[str, np.ndarray], spec: dict) -> None:
+def save(path: Path, arrays: dict[str, np.ndarray], spec: dict) -> None:
     """Writes a batch for another process: plain arrays plus the spec as a JSON string (no pickle)."""
     np.savez(path, __spec__=np.asarray(json.dumps(spec)), **arrays)
 
 
-def load(path: Path) -> Tuple[Dict[str, np.ndarray], dict]:
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Reads what :func:`save` wrote (``allow_pickle=False``)."""
     with np.load(path, allow_pickle=False) as data:
         spec = json.loads(str(data["__spec__"]))

@@ -35,11 +35,14 @@ def build_peer(arrays: dict, spec: dict, seed: int = 0) -> common.ModelBench:
     import jax
     import jax.numpy as jnp
     import jraph
+
     import segnn_jax
 
     if segnn_jax.__version__ != "0.7":
-        raise RuntimeError(f"expected the earlier port segnn_jax 0.7, imported {segnn_jax.__version__} "
-                           f"from {segnn_jax.__file__}")
+        raise RuntimeError(
+            f"expected the earlier port segnn_jax 0.7, imported {segnn_jax.__version__} "
+            f"from {segnn_jax.__file__}"
+        )
     if "atomic_numbers" in arrays:
         raise ValueError("the peer comparison covers the nbody and qm9 configurations only")
     n_nodes = len(arrays["positions"])
@@ -50,28 +53,52 @@ def build_peer(arrays: dict, spec: dict, seed: int = 0) -> common.ModelBench:
         senders, receivers = batch["senders"], batch["receivers"]
         positions = batch["positions"]
         vectors = positions[senders] - positions[receivers] + batch["shifts"]
-        edge_attr = e3nn.spherical_harmonics(sh_irreps, vectors, normalize=True, normalization=normalization)
+        edge_attr = e3nn.spherical_harmonics(
+            sh_irreps, vectors, normalize=True, normalization=normalization
+        )
         summed = jax.ops.segment_sum(edge_attr.array, receivers, num_segments=n_nodes)
-        counts = jax.ops.segment_sum(jnp.ones_like(receivers, jnp.float32), receivers, num_segments=n_nodes)
+        counts = jax.ops.segment_sum(
+            jnp.ones_like(receivers, jnp.float32), receivers, num_segments=n_nodes
+        )
         node_attr = summed / jnp.maximum(counts, 1.0)[:, None]
         if "velocities" in batch:
-            node_attr = node_attr + e3nn.spherical_harmonics(sh_irreps, batch["velocities"], normalize=True,
-                                                             normalization=normalization).array
+            node_attr = (
+                node_attr
+                + e3nn.spherical_harmonics(
+                    sh_irreps, batch["velocities"], normalize=True, normalization=normalization
+                ).array
+            )
         node_attr = e3nn.IrrepsArray(sh_irreps, node_attr.at[:, 0].set(1.0))
         distance = _safe_norm(vectors, keepdims=True)
         if "charges" in batch:
-            extra = jnp.concatenate([distance, batch["charges"][senders] * batch["charges"][receivers]], -1)
+            extra = jnp.concatenate(
+                [distance, batch["charges"][senders] * batch["charges"][receivers]], -1
+            )
         else:
             extra = distance**2
-        graph = jraph.GraphsTuple(nodes=e3nn.IrrepsArray(spec["input"], batch["features"]), edges=None,
-                                  senders=senders, receivers=receivers, n_node=batch["n_node"],
-                                  n_edge=batch["n_edge"], globals=None)
+        graph = jraph.GraphsTuple(
+            nodes=e3nn.IrrepsArray(spec["input"], batch["features"]),
+            edges=None,
+            senders=senders,
+            receivers=receivers,
+            n_node=batch["n_node"],
+            n_edge=batch["n_edge"],
+            globals=None,
+        )
         st_graph = segnn_jax.SteerableGraphsTuple(
-            graph=graph, node_attributes=node_attr, edge_attributes=edge_attr,
-            additional_message_features=e3nn.IrrepsArray(spec["extra"], extra))
-        network = segnn_jax.SEGNN(hidden_irreps=e3nn.Irreps(spec["hidden"]),
-                                  output_irreps=e3nn.Irreps(spec["output"]), num_layers=spec["layers"],
-                                  norm=spec["norm"], pool=spec["pool"], task=spec["task"])
+            graph=graph,
+            node_attributes=node_attr,
+            edge_attributes=edge_attr,
+            additional_message_features=e3nn.IrrepsArray(spec["extra"], extra),
+        )
+        network = segnn_jax.SEGNN(
+            hidden_irreps=e3nn.Irreps(spec["hidden"]),
+            output_irreps=e3nn.Irreps(spec["output"]),
+            num_layers=spec["layers"],
+            norm=spec["norm"],
+            pool=spec["pool"],
+            task=spec["task"],
+        )
         return network(st_graph)
 
     transformed = hk.transform_with_state(model)

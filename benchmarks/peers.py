@@ -38,14 +38,21 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks import common, inputs  # noqa: E402
+from benchmarks import common, inputs
 
 DEFAULT_VENV = HERE / ".peers-venv"
 PEER_PACKAGE = "segnn-jax==0.7"
-PEER_STACK = ("jax==0.10.2", "jaxlib==0.10.2", "e3nn-jax==0.20.6", "dm-haiku==0.0.17", "optax==0.2.8",
-              "flax", "jraph")
+PEER_STACK = (
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "e3nn-jax==0.20.6",
+    "dm-haiku==0.0.17",
+    "optax==0.2.8",
+    "flax",
+    "jraph",
+)
 PEER_CONFIGS = ("nbody", "qm9")
 
 
@@ -64,9 +71,17 @@ def ensure_venv(venv: Path) -> Path:
         subprocess.CalledProcessError: when venv creation or pip fails (no network, no wheel).
     """
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import segnn_jax, e3nn_jax, haiku, optax, jraph; "
-             "assert segnn_jax.__version__ == '0.7'"]
-    if python.exists() and subprocess.run(check, capture_output=True, cwd=HERE).returncode == 0:
+    check = [
+        str(python),
+        "-c",
+        ("import segnn_jax, e3nn_jax, haiku, optax, jraph; assert segnn_jax.__version__ == '0.7'"),
+    ]
+    probe = (
+        subprocess.run(check, capture_output=True, cwd=HERE, check=False)
+        if python.exists()
+        else None
+    )
+    if probe is not None and probe.returncode == 0:
         return python
     print(f"creating {venv} with {PEER_PACKAGE} (--no-deps) and {' '.join(PEER_STACK)}")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -82,10 +97,18 @@ class Worker:
 
     def __init__(self, name: str, command: list, env: dict, log_path: Path, start_limit_s: float):
         self.name = name
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log, text=True, env=env, cwd=HERE)
-        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        # Held for the worker's lifetime (its stderr), closed in close().
+        self.log = open(log_path, "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=HERE,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.hello = self._answer(start_limit_s)
 
@@ -143,8 +166,13 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     arrays, spec = inputs.build(name)
     batch_path = workdir / f"{name}.npz"
     inputs.save(batch_path, arrays, spec)
-    record = {"settings": spec, "nodes": int(len(arrays["positions"])), "edges": int(len(arrays["senders"])),
-              "graphs": int(len(arrays["n_node"])), "load_average_before": common.cpu_info()["load_average_1_5_15"]}
+    record = {
+        "settings": spec,
+        "nodes": len(arrays["positions"]),
+        "edges": len(arrays["senders"]),
+        "graphs": len(arrays["n_node"]),
+        "load_average_before": common.cpu_info()["load_average_1_5_15"],
+    }
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     commands = {
         "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path)],
@@ -156,17 +184,25 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
         for side, command in commands.items():
             sides[side] = {"status": "ok", "forward_s": [], "train_step_s": []}
             try:
-                worker = Worker(side, command, env, workdir / f"{name}-{side}.log", start_limit_s=300)
+                worker = Worker(
+                    side, command, env, workdir / f"{name}-{side}.log", start_limit_s=300
+                )
                 sides[side]["params"] = worker.hello["params"]
                 sides[side]["versions"] = worker.hello["versions"]
                 for which in ("forward", "train_step"):
                     reply = worker.request(f"compile {which}", limits[side])
                     sides[side][f"compile_{which}_s"] = reply["compile_s"]
-                    sides[side][f"gflops_{which}"] = reply["flops"] / 1e9 if reply["flops"] else None
-                    print(f"{name} {side}: compiled {which} in {reply['compile_s']:.1f} s", flush=True)
+                    sides[side][f"gflops_{which}"] = (
+                        reply["flops"] / 1e9 if reply["flops"] else None
+                    )
+                    print(
+                        f"{name} {side}: compiled {which} in {reply['compile_s']:.1f} s", flush=True
+                    )
                 workers[side] = worker
             except WorkerTimeout as error:
-                sides[side].update(status="compile timeout", detail=str(error), compile_limit_s=limits[side])
+                sides[side].update(
+                    status="compile timeout", detail=str(error), compile_limit_s=limits[side]
+                )
                 print(f"{name} {side}: {error}", flush=True)
             except WorkerError as error:
                 sides[side].update(status="error", detail=str(error))
@@ -179,7 +215,8 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
                         continue
                     try:
                         reply = workers[side].request(
-                            f"time {which} {args.repeats} {args.max_seconds}", args.time_limit)
+                            f"time {which} {args.repeats} {args.max_seconds}", args.time_limit
+                        )
                     except (WorkerTimeout, WorkerError) as error:
                         sides[side].update(status="error while timing", detail=str(error))
                         continue
@@ -204,11 +241,17 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     speedups = {}
     for which in ("forward", "train_step"):
         if ours.get(f"{which}_ms") and theirs.get(f"{which}_ms"):
-            per_round = [t / o for t, o in zip(theirs[f"{which}_round_medians_ms"],
-                                               ours[f"{which}_round_medians_ms"])]
-            speedups[which] = {"ratio_of_medians": theirs[f"{which}_ms"] / ours[f"{which}_ms"],
-                               "median_of_round_ratios": float(np.median(per_round)),
-                               "round_ratios": per_round}
+            per_round = [
+                t / o
+                for t, o in zip(
+                    theirs[f"{which}_round_medians_ms"], ours[f"{which}_round_medians_ms"]
+                )
+            ]
+            speedups[which] = {
+                "ratio_of_medians": theirs[f"{which}_ms"] / ours[f"{which}_ms"],
+                "median_of_round_ratios": float(np.median(per_round)),
+                "round_ratios": per_round,
+            }
     for key in ("compile_forward_s", "compile_train_step_s"):
         if ours.get(key) and theirs.get(key):
             speedups[key] = theirs[key] / ours[key]
@@ -222,13 +265,17 @@ def _print(name: str, record: dict) -> None:
         if r["status"] != "ok":
             print(f"{name} {side}: {r['status']} ({r.get('detail', '')})")
             continue
-        print(f"{name} {side}: {r['params']:,} params; compile forward {r['compile_forward_s']:.1f} s, "
-              f"train step {r['compile_train_step_s']:.1f} s; forward {r['forward_ms']:.1f} ms, "
-              f"train step {r['train_step_ms']:.1f} ms; peak RSS {r['peak_rss_mb']:.0f} MiB")
+        print(
+            f"{name} {side}: {r['params']:,} params; compile forward {r['compile_forward_s']:.1f} s, "
+            f"train step {r['compile_train_step_s']:.1f} s; forward {r['forward_ms']:.1f} ms, "
+            f"train step {r['train_step_ms']:.1f} ms; peak RSS {r['peak_rss_mb']:.0f} MiB"
+        )
     for which, s in record["speedup_ours_vs_segnn_jax_0_7"].items():
         if isinstance(s, dict):
-            print(f"{name} speed-up {which}: {s['ratio_of_medians']:.2f}x (median of per-round ratios "
-                  f"{s['median_of_round_ratios']:.2f}x)")
+            print(
+                f"{name} speed-up {which}: {s['ratio_of_medians']:.2f}x (median of per-round ratios "
+                f"{s['median_of_round_ratios']:.2f}x)"
+            )
         else:
             print(f"{name} speed-up {which}: {s:.2f}x")
 
@@ -238,23 +285,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--configs", nargs="+", default=list(PEER_CONFIGS), choices=PEER_CONFIGS)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of ours and theirs")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side per round")
-    parser.add_argument("--max-seconds", type=float, default=30.0,
-                        help="per side and round, stop timing after this long (at least 3 calls)")
-    parser.add_argument("--compile-limit", type=float, default=300.0,
-                        help="seconds allowed for each compilation of the earlier port")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="per side and round, stop timing after this long (at least 3 calls)",
+    )
+    parser.add_argument(
+        "--compile-limit",
+        type=float,
+        default=300.0,
+        help="seconds allowed for each compilation of the earlier port",
+    )
     parser.add_argument("--compile-limit-ours", type=float, default=300.0)
-    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds allowed per timing request")
+    parser.add_argument(
+        "--time-limit", type=float, default=600.0, help="seconds allowed per timing request"
+    )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
     peer_python = ensure_venv(args.venv)
-    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "versions_ours_driver": common.versions(), "cpu": common.cpu_info(),
-              "peer": {"package": PEER_PACKAGE, "stack": list(PEER_STACK), "installed_with": "--no-deps"},
-              "note": ("Each side is a long-lived process; rounds alternate the two (first side swapped "
-                       "every round) so machine noise falls on both. Ratios > 1 mean ours is faster."),
-              "configs": {}}
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "versions_ours_driver": common.versions(),
+        "cpu": common.cpu_info(),
+        "peer": {"package": PEER_PACKAGE, "stack": list(PEER_STACK), "installed_with": "--no-deps"},
+        "note": (
+            "Each side is a long-lived process; rounds alternate the two (first side swapped "
+            "every round) so machine noise falls on both. Ratios > 1 mean ours is faster."
+        ),
+        "configs": {},
+    }
     print("settings:", json.dumps(result["settings"]))
     print("cpu:", json.dumps(result["cpu"]))
     with tempfile.TemporaryDirectory(prefix="segnn-peers-") as tmp:

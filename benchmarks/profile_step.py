@@ -31,9 +31,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks import common, inputs  # noqa: E402
+from benchmarks import common, inputs
 
 
 def _analysis(compiled) -> dict:
@@ -41,7 +41,10 @@ def _analysis(compiled) -> dict:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     analysis = analysis or {}
-    return {"gflops": analysis.get("flops", 0.0) / 1e9, "gbytes": analysis.get("bytes accessed", 0.0) / 1e9}
+    return {
+        "gflops": analysis.get("flops", 0.0) / 1e9,
+        "gbytes": analysis.get("bytes accessed", 0.0) / 1e9,
+    }
 
 
 def profile(name: str, repeats: int, max_seconds: float) -> dict:
@@ -64,18 +67,30 @@ def profile(name: str, repeats: int, max_seconds: float) -> dict:
     node_mask = jnp.ones((n_nodes,), bool)
 
     def attrs(batch):
-        graph = jraph.GraphsTuple(nodes={"positions": batch["positions"]}, edges={"shifts": batch["shifts"]},
-                                  senders=batch["senders"], receivers=batch["receivers"],
-                                  n_node=batch["n_node"], n_edge=batch["n_edge"], globals=None)
+        graph = jraph.GraphsTuple(
+            nodes={"positions": batch["positions"]},
+            edges={"shifts": batch["shifts"]},
+            senders=batch["senders"],
+            receivers=batch["receivers"],
+            n_node=batch["n_node"],
+            n_edge=batch["n_edge"],
+            globals=None,
+        )
         vectors = attributes.edge_vectors(graph)
         edge_attr = attributes.edge_attributes(vectors, spec["lmax"], spec["sh_normalization"])
         physical = (batch["velocities"],) if "velocities" in batch else ()
-        node_attr = attributes.node_attributes(edge_attr, batch["receivers"], n_nodes,
-                                               physical_vectors=physical,
-                                               normalization=spec["sh_normalization"])
+        node_attr = attributes.node_attributes(
+            edge_attr,
+            batch["receivers"],
+            n_nodes,
+            physical_vectors=physical,
+            normalization=spec["sh_normalization"],
+        )
         distance = attributes.safe_norm(vectors, keepdims=True)
         if "charges" in batch:
-            extra = jnp.concatenate([distance, attributes.pair_products(batch["charges"], graph)], -1)
+            extra = jnp.concatenate(
+                [distance, attributes.pair_products(batch["charges"], graph)], -1
+            )
         else:
             extra = distance**2
         return edge_attr, node_attr, e3nn.IrrepsArray(spec["extra"], extra)
@@ -87,7 +102,11 @@ def profile(name: str, repeats: int, max_seconds: float) -> dict:
     senders, receivers = batch["senders"], batch["receivers"]
 
     blocks = {
-        "message_1": (lambda f, m: O3TensorProductGate(hidden)([(f, receivers), (f, senders), extra], edge_attr)),
+        "message_1": (
+            lambda f, m: O3TensorProductGate(hidden)(
+                [(f, receivers), (f, senders), extra], edge_attr
+            )
+        ),
         "message_2": (lambda f, m: O3TensorProductGate(hidden)(m, edge_attr)),
         "aggregate": (lambda f, m: e3nn.scatter_sum(m, dst=receivers, output_size=n_nodes)),
         "update_1": (lambda f, m: O3TensorProductGate(hidden)([f, f], node_attr)),
@@ -108,29 +127,50 @@ def profile(name: str, repeats: int, max_seconds: float) -> dict:
         entry = {}
         for kind, compiled in (("forward", fwd), ("forward_backward", bwd)):
             common.block(compiled(*args))
-            times = common.summarise(common.time_calls(lambda: compiled(*args), repeats, max_seconds))
-            entry[kind] = dict(_analysis(compiled), median_ms=times["median_ms"], iqr_ms=times["iqr_ms"])
+            times = common.summarise(
+                common.time_calls(lambda c=compiled: c(*args), repeats, max_seconds)
+            )
+            entry[kind] = dict(
+                _analysis(compiled), median_ms=times["median_ms"], iqr_ms=times["iqr_ms"]
+            )
             entry[kind]["achieved_gflops"] = entry[kind]["gflops"] / (times["median_ms"] / 1e3)
         results[label] = entry
-        print(f"{label:10s} fwd {entry['forward']['median_ms']:8.1f} ms ({entry['forward']['gflops']:.2f} GFLOP, "
-              f"{entry['forward']['gbytes']:.2f} GB) | fwd+bwd {entry['forward_backward']['median_ms']:8.1f} ms "
-              f"({entry['forward_backward']['gflops']:.2f} GFLOP, {entry['forward_backward']['gbytes']:.2f} GB, "
-              f"{entry['forward_backward']['achieved_gflops']:.1f} GFLOP/s)", flush=True)
+        print(
+            f"{label:10s} fwd {entry['forward']['median_ms']:8.1f} ms ({entry['forward']['gflops']:.2f} GFLOP, "
+            f"{entry['forward']['gbytes']:.2f} GB) | fwd+bwd {entry['forward_backward']['median_ms']:8.1f} ms "
+            f"({entry['forward_backward']['gflops']:.2f} GFLOP, {entry['forward_backward']['gbytes']:.2f} GB, "
+            f"{entry['forward_backward']['achieved_gflops']:.1f} GFLOP/s)",
+            flush=True,
+        )
 
     measure("attributes", lambda p: attrs(dict(batch, positions=p))[0].array, (batch["positions"],))
     for label, block in blocks.items():
-        transformed = hk.without_apply_rng(hk.transform(lambda f, m, block=block: block(f, m).array))
+        transformed = hk.without_apply_rng(
+            hk.transform(lambda f, m, block=block: block(f, m).array)
+        )
         params = transformed.init(key, features, messages)
-        measure(label, lambda p, f, m, t=transformed: t.apply(p, f, m), (params, features, messages))
-    layer_ms = sum(r["forward_backward"]["median_ms"] for k, r in results.items() if k != "attributes")
-    return {"config": name, "nodes": n_nodes, "edges": len(arrays["senders"]), "layers": spec["layers"],
-            "blocks": results, "one_layer_forward_backward_ms": layer_ms,
-            "all_layers_forward_backward_ms": layer_ms * spec["layers"],
-            "versions": common.versions(), "cpu": common.cpu_info()}
+        measure(
+            label, lambda p, f, m, t=transformed: t.apply(p, f, m), (params, features, messages)
+        )
+    layer_ms = sum(
+        r["forward_backward"]["median_ms"] for k, r in results.items() if k != "attributes"
+    )
+    return {
+        "config": name,
+        "nodes": n_nodes,
+        "edges": len(arrays["senders"]),
+        "layers": spec["layers"],
+        "blocks": results,
+        "one_layer_forward_backward_ms": layer_ms,
+        "all_layers_forward_backward_ms": layer_ms * spec["layers"],
+        "versions": common.versions(),
+        "cpu": common.cpu_info(),
+    }
 
 
-def layout_microbenchmark(n_rows: int = 6024, mul_in: int = 36, dim: int = 5, mul_out: int = 252,
-                          repeats: int = 5) -> dict:
+def layout_microbenchmark(
+    n_rows: int = 6024, mul_in: int = 36, dim: int = 5, mul_out: int = 252, repeats: int = 5
+) -> dict:
     """The channel-mixing contraction of a tensor product in two memory layouts.
 
     Defaults: the l = 2 chunk of QM9's ``message_2`` (6,024 edges, 36 input channels, 252 output
@@ -149,11 +189,16 @@ def layout_microbenchmark(n_rows: int = 6024, mul_in: int = 36, dim: int = 5, mu
         "ir_mul matmul [rows*i, u] @ [u, k]": (lambda x, w: x @ w, x_component_major),
     }
     gflop = 2.0 * n_rows * mul_in * dim * mul_out / 1e9
-    out = {"shape": {"rows": n_rows, "mul_in": mul_in, "dim": dim, "mul_out": mul_out}, "gflop": gflop}
+    out = {
+        "shape": {"rows": n_rows, "mul_in": mul_in, "dim": dim, "mul_out": mul_out},
+        "gflop": gflop,
+    }
     for label, (fn, arg) in variants.items():
         compiled = jax.jit(fn).lower(arg, w).compile()
         common.block(compiled(arg, w))
-        ms = common.summarise(common.time_calls(lambda: compiled(arg, w), repeats, 10.0))["median_ms"]
+        ms = common.summarise(common.time_calls(lambda c=compiled, a=arg: c(a, w), repeats, 10.0))[
+            "median_ms"
+        ]
         out[label] = {"median_ms": ms, "gflops": gflop / (ms / 1e3)}
         print(f"{label:36s} {ms:7.1f} ms  {gflop / (ms / 1e3):5.1f} GFLOP/s", flush=True)
     return out
@@ -165,15 +210,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--layout-only", action="store_true",
-                        help="only the channel-mixing layout micro-benchmark")
+    parser.add_argument(
+        "--layout-only", action="store_true", help="only the channel-mixing layout micro-benchmark"
+    )
     args = parser.parse_args(argv)
     if args.layout_only:
         return layout_microbenchmark(repeats=args.repeats)
     result = profile(args.config, args.repeats, args.max_seconds)
     result["layout_microbenchmark"] = layout_microbenchmark(repeats=args.repeats)
-    print(f"one layer fwd+bwd {result['one_layer_forward_backward_ms']:.0f} ms; x{result['layers']} layers = "
-          f"{result['all_layers_forward_backward_ms']:.0f} ms")
+    print(
+        f"one layer fwd+bwd {result['one_layer_forward_backward_ms']:.0f} ms; x{result['layers']} layers = "
+        f"{result['all_layers_forward_backward_ms']:.0f} ms"
+    )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

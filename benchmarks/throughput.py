@@ -33,14 +33,16 @@ if str(HERE.parent) not in sys.path:
     # Run as a script from a checkout: make this project's segnn_jax importable.
     sys.path.insert(0, str(HERE.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks import common, inputs  # noqa: E402
+from benchmarks import common, inputs
 
 DTYPES = ("float32", "float64", "bfloat16")
 
 
-def build_ours(arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0) -> common.ModelBench:
+def build_ours(
+    arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0
+) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
     The attributes (spherical harmonics of the edge vectors, node attributes, extra invariants) are
@@ -67,30 +69,50 @@ def build_ours(arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0) 
     n_nodes = len(arrays["positions"])
 
     def model(batch, is_training):
-        graph = jraph.GraphsTuple(nodes={"positions": batch["positions"]}, edges={"shifts": batch["shifts"]},
-                                  senders=batch["senders"], receivers=batch["receivers"],
-                                  n_node=batch["n_node"], n_edge=batch["n_edge"], globals=None)
+        graph = jraph.GraphsTuple(
+            nodes={"positions": batch["positions"]},
+            edges={"shifts": batch["shifts"]},
+            senders=batch["senders"],
+            receivers=batch["receivers"],
+            n_node=batch["n_node"],
+            n_edge=batch["n_edge"],
+            globals=None,
+        )
         vectors = attributes.edge_vectors(graph)
         edge_attr = attributes.edge_attributes(vectors, spec["lmax"], spec["sh_normalization"])
         physical = (batch["velocities"],) if "velocities" in batch else ()
-        node_attr = attributes.node_attributes(edge_attr, graph.receivers, n_nodes,
-                                               physical_vectors=physical,
-                                               normalization=spec["sh_normalization"])
+        node_attr = attributes.node_attributes(
+            edge_attr,
+            graph.receivers,
+            n_nodes,
+            physical_vectors=physical,
+            normalization=spec["sh_normalization"],
+        )
         distance = attributes.safe_norm(vectors, keepdims=True)
         if "charges" in batch:
-            extra = jnp.concatenate([distance, attributes.pair_products(batch["charges"], graph)], axis=-1)
+            extra = jnp.concatenate(
+                [distance, attributes.pair_products(batch["charges"], graph)], axis=-1
+            )
         else:
             extra = distance**2
         if "atomic_numbers" in batch:
-            embedded = hk.Embed(vocab_size=100, embed_dim=spec["embedding_dim"], name="atom_embedding")(
-                batch["atomic_numbers"])
+            embedded = hk.Embed(
+                vocab_size=100, embed_dim=spec["embedding_dim"], name="atom_embedding"
+            )(batch["atomic_numbers"])
             features = e3nn.IrrepsArray(f"{spec['embedding_dim']}x0e", embedded)
         else:
             features = e3nn.IrrepsArray(spec["input"], batch["features"])
-        st_graph = SteerableGraphsTuple(graph, features, node_attr, edge_attr,
-                                        e3nn.IrrepsArray(spec["extra"], extra))
-        network = SEGNN(spec["hidden"], spec["output"], spec["layers"], task=spec["task"],
-                        pool=spec["pool"], norm=spec["norm"])
+        st_graph = SteerableGraphsTuple(
+            graph, features, node_attr, edge_attr, e3nn.IrrepsArray(spec["extra"], extra)
+        )
+        network = SEGNN(
+            spec["hidden"],
+            spec["output"],
+            spec["layers"],
+            task=spec["task"],
+            pool=spec["pool"],
+            norm=spec["norm"],
+        )
         return network(st_graph, is_training).array
 
     transformed = hk.transform_with_state(model)
@@ -120,8 +142,13 @@ def cast_batch(arrays: dict, dtype: str) -> dict:
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict) -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
-    record = {"settings": spec, "dtype": dtype, "nodes": int(len(arrays["positions"])),
-              "edges": int(len(arrays["senders"])), "graphs": int(len(arrays["n_node"]))}
+    record = {
+        "settings": spec,
+        "dtype": dtype,
+        "nodes": len(arrays["positions"]),
+        "edges": len(arrays["senders"]),
+        "graphs": len(arrays["n_node"]),
+    }
     bench = build_ours(arrays, spec, dtype)
     record["params"] = bench.n_params
     forward = bench.compile("forward")
@@ -152,7 +179,9 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
 
 
 def _child(args) -> None:
-    record = measure(args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul))
+    record = measure(
+        args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul)
+    )
     Path(args.child_out).write_text(json.dumps(record))
 
 
@@ -165,29 +194,51 @@ def _print_record(name: str, r: dict) -> None:
     if "error" in r:
         print(f"{name}: FAILED {r['error']}")
         return
-    print(f"{name}: {r['params']:,} params, {r['nodes']} nodes, {r['edges']} edges, {r['graphs']} graphs")
-    print(f"  compile forward {r['compile_forward_s']:.1f} s, train step {r['compile_train_step_s']:.1f} s; "
-          f"peak RSS {r['peak_rss_mb']:.0f} MiB")
-    print(f"  forward {r['forward_ms']:.1f} ms (IQR {r['forward']['iqr_ms']:.1f}, {r['forward']['runs']} runs); "
-          f"train step {r['train_step_ms']:.1f} ms (IQR {r['train_step']['iqr_ms']:.1f}, "
-          f"{r['train_step']['runs']} runs); {r['graphs_per_s']:.1f} graphs/s")
+    print(
+        f"{name}: {r['params']:,} params, {r['nodes']} nodes, {r['edges']} edges, {r['graphs']} graphs"
+    )
+    print(
+        f"  compile forward {r['compile_forward_s']:.1f} s, train step {r['compile_train_step_s']:.1f} s; "
+        f"peak RSS {r['peak_rss_mb']:.0f} MiB"
+    )
+    print(
+        f"  forward {r['forward_ms']:.1f} ms (IQR {r['forward']['iqr_ms']:.1f}, {r['forward']['runs']} runs); "
+        f"train step {r['train_step_ms']:.1f} ms (IQR {r['train_step']['iqr_ms']:.1f}, "
+        f"{r['train_step']['runs']} runs); {r['graphs_per_s']:.1f} graphs/s"
+    )
     if r.get("gflops_per_step") is not None:
-        print(f"  {r['gflops_per_step']:.2f} GFLOP/step -> {r['achieved_gflops']:.1f} GFLOP/s "
-              f"({100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate)")
+        print(
+            f"  {r['gflops_per_step']:.2f} GFLOP/step -> {r['achieved_gflops']:.1f} GFLOP/s "
+            f"({100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate)"
+        )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["nbody", "qm9", "oc20"], choices=sorted(inputs.CONFIGS))
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per function (after 2 warm-up)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop timing a function after this long (at least 3 calls)")
+    parser.add_argument(
+        "--configs", nargs="+", default=["nbody", "qm9", "oc20"], choices=sorted(inputs.CONFIGS)
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed calls per function (after 2 warm-up)"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop timing a function after this long (at least 3 calls)",
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the other configurations' records already in --out")
-    parser.add_argument("--in-process", action="store_true",
-                        help="measure in this process (peak RSS then covers all configurations)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other configurations' records already in --out",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process (peak RSS then covers all configurations)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", help=argparse.SUPPRESS)
@@ -202,15 +253,24 @@ def main(argv=None) -> dict:
 
     import jax
 
-    settings = {"configs": args.configs, "repeats": args.repeats, "max_seconds": args.max_seconds,
-                "dtype": args.dtype, "warmup_calls": 2, "backend": jax.default_backend(),
-                "devices": [str(d) for d in jax.devices()], "subprocess_per_config": not args.in_process}
+    settings = {
+        "configs": args.configs,
+        "repeats": args.repeats,
+        "max_seconds": args.max_seconds,
+        "dtype": args.dtype,
+        "warmup_calls": 2,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "subprocess_per_config": not args.in_process,
+    }
     result = {"settings": settings, "versions": common.versions(), "cpu": common.cpu_info()}
     print("settings:", json.dumps(settings))
     print("versions:", json.dumps(result["versions"]))
     print("cpu:", json.dumps(result["cpu"]))
     result["matmul_float32"] = common.matmul_gflops()
-    print(f"float32 2048x2048 matmul: {result['matmul_float32']['median_gflops']:.1f} GFLOP/s (median)")
+    print(
+        f"float32 2048x2048 matmul: {result['matmul_float32']['median_gflops']:.1f} GFLOP/s (median)"
+    )
     result["configs"] = {}
     if args.update and args.out is not None and args.out.exists():
         result["configs"] = json.loads(args.out.read_text()).get("configs", {})
@@ -219,19 +279,34 @@ def main(argv=None) -> dict:
         cpu_before = common.cpu_info()
         try:
             if args.in_process:
-                record = measure(name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"])
+                record = measure(
+                    name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"]
+                )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "record.json"
-                    command = [sys.executable, str(Path(__file__).resolve()), "--child", name,
-                               "--child-out", str(out), "--repeats", str(args.repeats),
-                               "--max-seconds", str(args.max_seconds), "--dtype", args.dtype,
-                               "--matmul", json.dumps(result["matmul_float32"])]
-                    done = subprocess.run(command, capture_output=True, text=True)
+                    command = [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--child",
+                        name,
+                        "--child-out",
+                        str(out),
+                        "--repeats",
+                        str(args.repeats),
+                        "--max-seconds",
+                        str(args.max_seconds),
+                        "--dtype",
+                        args.dtype,
+                        "--matmul",
+                        json.dumps(result["matmul_float32"]),
+                    ]
+                    done = subprocess.run(command, capture_output=True, text=True, check=False)
                     if done.returncode != 0:
                         raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
                     record = json.loads(out.read_text())
-        except Exception as error:  # one failing configuration must not lose the others' figures
+        # One failing configuration must not lose the others' figures.
+        except Exception as error:  # noqa: BLE001
             record = {"error": f"{type(error).__name__}: {error}"}
         record["wall_s"] = time.perf_counter() - start
         record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

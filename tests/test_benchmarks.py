@@ -40,11 +40,16 @@ def test_molecule_like_stand_ins_are_valid_radius_graphs():
 
 def test_oc20_batch_edges_respect_the_cutoff_under_pbc():
     arrays = inputs.oc20_batch(n_graphs=2, cutoff=4.0)
-    vectors = (arrays["positions"][arrays["senders"]] - arrays["positions"][arrays["receivers"]]
-               + arrays["shifts"])
+    vectors = (
+        arrays["positions"][arrays["senders"]]
+        - arrays["positions"][arrays["receivers"]]
+        + arrays["shifts"]
+    )
     lengths = np.linalg.norm(vectors, axis=1)
     assert np.all(lengths < 4.0 + 1e-4) and np.all(lengths > 0.5)
-    assert np.any(np.abs(arrays["shifts"]).sum(axis=1) > 0), "a periodic slab has edges across the cell"
+    assert np.any(np.abs(arrays["shifts"]).sum(axis=1) > 0), (
+        "a periodic slab has edges across the cell"
+    )
     assert arrays["atomic_numbers"].shape == (arrays["n_node"].sum(),)
     assert arrays["targets"].shape == (2, 1)
 
@@ -76,7 +81,9 @@ def test_summarise_reports_milliseconds():
 
 def test_time_calls_stops_at_the_time_budget_after_three_calls():
     calls = []
-    durations = common.time_calls(lambda: calls.append(1) or jnp.zeros(()), repeats=100, max_seconds=0.0)
+    durations = common.time_calls(
+        lambda: calls.append(1) or jnp.zeros(()), repeats=100, max_seconds=0.0
+    )
     assert len(durations) == len(calls) == 3
 
 
