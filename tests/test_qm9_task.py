@@ -124,8 +124,8 @@ def _molecules_with_u0(u0_hartree):
 def test_reported_mae_is_in_mev(atom_reference):
     """U0 of -40.0 and -40.001 Ha: mean -40.0005 Ha, MAD 0.0005 Ha = 13.6057 meV. A model that
     predicts z = 0 (the training mean) errs by one MAD on each: loss 1, MAE 13.6057 meV."""
-    cfg = qm9.validate_config(dict(task="qm9", data=dict(target="U0",
-                                                         atom_reference=atom_reference)))
+    cfg = qm9.validate_config({"task": "qm9",
+                               "data": {"target": "U0", "atom_reference": atom_reference}})
     molecules = _molecules_with_u0([-40.0, -40.001])
     stats = qm9.standardise(cfg, molecules)
     assert stats.unit == "meV"
@@ -178,8 +178,8 @@ def test_prediction_is_invariant_from_raw_positions(config, splits):
 
 
 def _write_xyz(path, molecules):
-    from ase import Atoms
     import ase.io
+    from ase import Atoms
 
     frames = []
     for m in range(len(molecules)):
@@ -240,8 +240,8 @@ def test_prediction_files(tmp_path):
 
 
 def test_predict_rejects_unknown_elements_and_unreadable_files(tmp_path):
-    from ase import Atoms
     import ase.io
+    from ase import Atoms
 
     path = tmp_path / "chloromethane.xyz"
     ase.io.write(str(path), Atoms("CH3Cl", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0],

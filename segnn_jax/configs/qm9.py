@@ -12,18 +12,25 @@ The paper's full protocol, one run per target, for a GPU::
 
     segnn train qm9 --config.data.target=alpha --run-dir runs/qm9_alpha
 
-Expected run time: 1000 epochs x 100,000 molecules = 1e8 training molecules. On the shared 2-core
-CPU of this project the reference model trains at ~15 molecules/s (benchmarks/results/
-qm9_throughput_cpu.json), i.e. ~77 days per target, which is why the CPU runs use budgets. On a
-GPU, the SEGNN authors report about 2-3 days per target on one GPU (PyTorch, 2022 hardware), i.e.
-~400-600 molecules/s; the expected time of this implementation is 1e8 / (measured molecules/s);
-measure it with ``python -m benchmarks.throughput`` on the target device before launching.
+Expected run time: 1000 epochs x 100,000 molecules = 1e8 training molecules in 781,250 steps of
+128, plus 1000 evaluations of the 30,831 validation and test molecules. Measured
+(benchmarks/results/qm9_throughput_cpu.json): 63.2 GFLOP per training step (XLA cost analysis);
+on this project's shared 2-core CPU 4.4-15 molecules/s, i.e. 76-270 days per target. No GPU was
+available to measure; the estimate for one H100/H200-class GPU is 5-12 hours per target (FLOP
+bound 0.8-2.3 h at 6-18 TFLOP/s sustained; latency bound 4.3-10.9 h at 20-50 ms per jitted step;
+evaluations ~0.5-1 h). Measure on the device before launching twelve of them::
+
+    python -m benchmarks.throughput --configs qm9   # seconds per step -> hours = 781,250 x step
 
 The improved recipe for the extensive targets (U0, U, H, G, ZPVE, R2) is ``qm9_extensive``
 (atom-reference subtraction and sum pooling). CPU budgets are overrides, e.g. a random subset of the
 training set and fewer epochs (the validation and test sets stay whole)::
 
     segnn train qm9 --config.data.n_train=5000 --config.train.num_epochs=3
+
+The CPU results in benchmarks/results/qm9_*.json were made with a smaller model (documented there):
+``--config.model.hidden_features=32 --config.model.lmax_hidden=1 --config.model.lmax_attr=1
+--config.model.num_layers=4`` (16x0e+16x1o), ~400 molecules/s on that CPU.
 """
 
 import ml_collections

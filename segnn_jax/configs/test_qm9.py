@@ -13,11 +13,11 @@ from segnn_jax.configs import qm9
 
 def get_config() -> ml_collections.ConfigDict:
     config = qm9.get_config()
-    config.data.update(dict(split="random", n_train=32, n_valid=8, n_test=8))
+    config.data.update({"split": "random", "n_train": 32, "n_valid": 8, "n_test": 8})
     config.batch.batch_size = 8
     config.batch.buckets = (1.0,)  # one padded shape: one compilation per step function
-    config.model.update(dict(hidden_features=8, lmax_hidden=1, lmax_attr=1, num_layers=1))
-    config.train.update(dict(num_epochs=2, eval_every=1, log_every=1, progress_bar=False,
-                             tensorboard=False))
+    config.model.update({"hidden_features": 8, "lmax_hidden": 1, "lmax_attr": 1, "num_layers": 1})
+    config.train.update({"num_epochs": 2, "eval_every": 1, "log_every": 1, "progress_bar": False,
+                         "tensorboard": False})
     config.train.optimizer.learning_rate = 1e-3
     return config

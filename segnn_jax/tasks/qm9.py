@@ -46,10 +46,19 @@ import jraph
 import numpy as np
 
 from segnn_jax import training
-from segnn_jax.attributes import (SteerableGraphsTuple, edge_attributes, edge_vectors,
-                                  node_attributes)
-from segnn_jax.batching import (BatchBudget, GraphLoader, bucket_budgets,
-                                estimate_budget_from_sizes, graph_sizes)
+from segnn_jax.attributes import (
+    SteerableGraphsTuple,
+    edge_attributes,
+    edge_vectors,
+    node_attributes,
+)
+from segnn_jax.batching import (
+    BatchBudget,
+    GraphLoader,
+    bucket_budgets,
+    estimate_budget_from_sizes,
+    graph_sizes,
+)
 from segnn_jax.datasets import qm9 as qm9_data
 from segnn_jax.graph import edge_mask, graph_mask
 from segnn_jax.tasks import TaskInputError, models
@@ -60,8 +69,8 @@ __all__ = [
     "DATA_DEFAULTS",
     "DESCRIPTION",
     "MODEL_DEFAULTS",
-    "QM9InputError",
     "SPLITS",
+    "QM9InputError",
     "Standardisation",
     "evaluate",
     "featurize",
@@ -285,8 +294,8 @@ def _split_positions(cfg: Dict[str, Any], n_molecules: int) -> Dict[str, np.ndar
         return qm9_data.cormorant_split(n_molecules, seed=data["split_seed"])
     # The Cormorant proportions (100,000 / 17,748 / 13,083 of 130,831), seeded.
     perm = np.random.RandomState(data["split_seed"]).permutation(n_molecules)
-    n_train = int(round(n_molecules * qm9_data.SPLIT_SIZES["train"] / qm9_data.N_CHARACTERISED))
-    n_valid = int(round(n_molecules * qm9_data.SPLIT_SIZES["valid"] / qm9_data.N_CHARACTERISED))
+    n_train = round(n_molecules * qm9_data.SPLIT_SIZES["train"] / qm9_data.N_CHARACTERISED)
+    n_valid = round(n_molecules * qm9_data.SPLIT_SIZES["valid"] / qm9_data.N_CHARACTERISED)
     return {"train": perm[:n_train], "valid": perm[n_train:n_train + n_valid],
             "test": perm[n_train + n_valid:]}
 
@@ -554,7 +563,7 @@ def _read_one_file(path: Path) -> List[Tuple[str, np.ndarray, np.ndarray]]:
         structures = ase.io.read(str(path), index=":")
         return [(f"{path.name}:{k}", np.asarray(a.numbers), np.asarray(a.positions, np.float64))
                 for k, a in enumerate(structures)]
-    except Exception as ase_error:  # ASE raises many types; the QM9 layout is the fallback
+    except Exception as ase_error:  # noqa: BLE001 -- ASE raises many types; QM9's layout next
         try:
             _, numbers, positions, _ = qm9_data.parse_xyz_text(
                 path.read_text(errors="replace"), source=str(path))
@@ -586,7 +595,7 @@ def read_structures(paths: Sequence[Union[str, Path]]) -> Tuple[List[str],
         for name, z, pos in _read_one_file(path):
             if len(z) == 0:
                 raise QM9InputError(f"{name}: a structure without atoms")
-            unknown = sorted(set(int(v) for v in z) - set(qm9_data.ATOMIC_NUMBERS))
+            unknown = sorted({int(v) for v in z} - set(qm9_data.ATOMIC_NUMBERS))
             if unknown:
                 symbols = [chemical_symbols[v] if 0 <= v < len(chemical_symbols) else str(v)
                            for v in unknown]
