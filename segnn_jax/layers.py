@@ -37,7 +37,7 @@ class O3TensorProduct(hk.Module):
 
     With ``x2=None`` the second input is the constant ``1x0e`` and the layer is an equivariant
     linear map. ``x1`` may be a list of segments, read as their concatenation; a segment given as
-    ``(array, index)`` stands for ``array[index]`` and is mixed before it is gathered.
+    ``(array, index)`` stands for ``array[index]`` (node features gathered to the edges).
 
     Args:
         irreps_out: output irreps.

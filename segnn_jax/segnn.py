@@ -79,7 +79,7 @@ class SEGNNLayer(hk.Module):
     ) -> e3nn.IrrepsArray:
         if features.irreps.regroup() != self.hidden_irreps:
             raise ValueError(f"features have irreps {features.irreps}, layer expects {self.hidden_irreps}")
-        # Receiver and sender features are mixed per node, then gathered to the edges.
+        # [f_i, f_j, e_ij]: receiver and sender features are gathered inside the tensor product.
         message_inputs = [(features, ctx.receivers), (features, ctx.senders)]
         if extra is not None:
             message_inputs.append(extra)

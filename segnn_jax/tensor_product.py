@@ -12,17 +12,14 @@ the reference initialisation ``W ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, fan_in 
 of the SEGNN reference implementation.
 
 Everything here is pure JAX and takes the weights as arguments; :mod:`segnn_jax.layers` wraps it in
-Haiku modules. The product is computed in two stages:
+Haiku modules. :func:`tensor_product` is the only implementation, so a faster kernel can replace it
+in one place. It never builds the dense Clebsch-Gordan tensor of the whole product; per output irrep:
 
-1. :func:`mix_channels`: contract the weights with ``x1`` over the input channels ``u`` (one matrix
-   multiply per input irrep, all paths of that irrep at once);
-2. :func:`couple`: contract with ``x2`` and the Clebsch-Gordan block, never building the dense CG
-   tensor of the whole product.
-
-Stage 1 is linear in ``x1``. When ``x1`` is a concatenation of gathered node features (a message
-``[f_i, f_j, e_ij]``), :func:`tensor_product` runs stage 1 on the nodes before gathering, which
-replaces a matrix multiply per edge by one per node. This is :func:`tensor_product`'s only
-implementation, so a faster kernel can replace it in one place.
+1. for every path into it, contract ``x2`` with the path's small CG block, then that with ``x1``
+   over the few components of ``ir1`` (an unrolled, fused elementwise loop with a hand-written
+   backward: tiny batched matrix multiplies and middle-axis reductions are slow on CPU);
+2. concatenate the paths along the input channels and apply all their weights in ONE matrix
+   multiply ``[..., 2l+1, sum of mul1 mul2] @ [sum of mul1 mul2, mul_out]``.
 
 Shape letters: ``...`` leading (batch) axes, u/v/w channels of in1/in2/out, i/j/k components.
 """
@@ -41,10 +38,10 @@ __all__ = [
     "Path",
     "Segment",
     "TensorProductSpec",
-    "couple",
     "fan_in",
+    "init_bound",
+    "init_weights",
     "make_spec",
-    "mix_channels",
     "tensor_product",
     "tensor_product_paths",
 ]
@@ -148,100 +145,47 @@ Segment = Union[e3nn.IrrepsArray, Tuple[e3nn.IrrepsArray, Optional[jnp.ndarray]]
 """A part of ``x1``: an IrrepsArray, or ``(array, index)`` meaning ``array[index]`` (a gather)."""
 
 
-def _segment_channel_offsets(spec: TensorProductSpec) -> list:
-    """For each segment, a dict ir -> (start, stop) of its channels within ``irreps_in1``."""
-    filled = {ir: 0 for _, ir in spec.irreps_in1}
-    offsets = []
-    for seg in spec.segments:
-        ranges = {}
-        for mul, ir in seg.regroup():
-            ranges[ir] = (filled[ir], filled[ir] + mul)
-            filled[ir] += mul
-        offsets.append(ranges)
-    return offsets
+@jax.custom_vjp
+def _couple_components(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """``z[..., v, k, u] = sum_i a[..., v, i, k] x[..., i, u]`` for the few components i."""
+    return sum(a[..., :, i, :, None] * x[..., None, None, i, :] for i in range(x.shape[-2]))
 
 
-def mix_channels(
-    spec: TensorProductSpec,
-    weights: Sequence[jnp.ndarray],
-    segment: e3nn.IrrepsArray,
-    segment_index: int,
-) -> list:
-    """Stage 1: contracts one segment of ``x1`` with the weights over its input channels.
-
-    Args:
-        spec: the tensor product.
-        weights: one ``[mul1, mul2, mul_out]`` array per path of ``spec``.
-        segment: ``[..., dim]`` with irreps ``spec.segments[segment_index]``.
-        segment_index: which segment this is.
-
-    Returns:
-        For each path, None if the segment does not feed it, else ``[..., mul2, mul_out, 2 l1 + 1]``.
-    """
-    segment = e3nn.IrrepsArray(segment.irreps, segment.array).regroup()  # dense: no zero flags
-    ranges = _segment_channel_offsets(spec)[segment_index]
-    mixed: list = [None] * len(spec.paths)
-    for (mul, ir), chunk in zip(segment.irreps, segment.chunks):
-        if mul == 0:
-            continue
-        start, stop = ranges[ir]
-        ids = [n for n, p in enumerate(spec.paths) if spec.irreps_in1[p.i1].ir == ir]
-        if not ids:
-            continue
-        # One matrix multiply for every path that starts from this irrep.
-        blocks = [weights[n][start:stop].reshape(mul, -1) for n in ids]
-        mixed_all = jnp.einsum("...ui,uk->...ki", chunk, jnp.concatenate(blocks, axis=1))
-        sizes = np.cumsum([b.shape[1] for b in blocks])[:-1]
-        for n, part in zip(ids, jnp.split(mixed_all, sizes, axis=-2)):
-            mul2, mul_out = weights[n].shape[1:]
-            mixed[n] = part.reshape(part.shape[:-2] + (mul2, mul_out, ir.dim))
-    return mixed
+def _couple_components_fwd(a, x):
+    return _couple_components(a, x), (a, x)
 
 
-def couple(
-    spec: TensorProductSpec,
-    mixed: Sequence[Optional[jnp.ndarray]],
-    x2: Optional[e3nn.IrrepsArray],
-) -> e3nn.IrrepsArray:
-    """Stage 2: couples the mixed channels with ``x2`` through the Clebsch-Gordan blocks.
+def _couple_components_bwd(residuals, dz):
+    a, x = residuals
+    n_v, n_i, n_k = a.shape[-3:]
+    dx = jnp.stack([
+        sum(a[..., v, i, k, None] * dz[..., v, k, :] for v in range(n_v) for k in range(n_k))
+        for i in range(n_i)
+    ], axis=-2)
+    da = jnp.einsum("...iu,...vku->...vik", x, dz)
+    return da, dx
 
-    Args:
-        spec: the tensor product.
-        mixed: per path ``[..., mul2, mul_out, 2 l1 + 1]`` (or None), as from :func:`mix_channels`.
-        x2: ``[..., in2.dim]``, or None for the constant ``1x0e``.
 
-    Returns:
-        ``[..., out.dim]`` with irreps ``spec.irreps_out``.
-    """
-    leading = next(m.shape[:-3] for m in mixed if m is not None)
-    dtype = next(m.dtype for m in mixed if m is not None)
-    outputs: list = [None] * len(spec.irreps_out)
-    x2_chunks = None
-    if x2 is not None:
-        x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()  # dense: no zero-flagged chunks
-        if x2.irreps != spec.irreps_in2:
-            raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects {spec.irreps_in2}")
-        x2_chunks = [jnp.broadcast_to(c, leading + c.shape[-2:]) for c in x2.chunks]
-    for path, m in zip(spec.paths, mixed):
-        if m is None:
-            continue
-        ir_out = spec.irreps_out[path.i_out].ir
-        if x2_chunks is None:
-            out = m[..., 0, :, :]  # 0e coupling is the identity in "component" normalisation
-        else:
-            ir1 = spec.irreps_in1[path.i1].ir
-            ir2 = spec.irreps_in2[path.i2].ir
-            cg = jnp.asarray(
-                np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l), dtype=dtype)
-            # Attribute and CG first (small), then one batched matmul over (v, i).
-            coupling = jnp.einsum("...vj,ijk->...vik", x2_chunks[path.i2], cg)
-            out = jnp.einsum("...vwi,...vik->...wk", m, coupling)
-        outputs[path.i_out] = out if outputs[path.i_out] is None else outputs[path.i_out] + out
-    chunks = [
-        o if o is not None else jnp.zeros(leading + (mul, ir.dim), dtype)
-        for o, (mul, ir) in zip(outputs, spec.irreps_out)
-    ]
-    return e3nn.from_chunks(spec.irreps_out, chunks, leading, dtype)
+_couple_components.defvjp(_couple_components_fwd, _couple_components_bwd)
+
+
+def _input_chunks(spec: TensorProductSpec, x1: Sequence[Segment]) -> dict:
+    """For each irrep of ``in1``: ``[..., 2l+1, mul1]`` (components first), segments concatenated."""
+    per_irrep: dict = {ir: [] for _, ir in spec.irreps_in1}
+    for s, (segment, irreps) in enumerate(zip(x1, spec.segments)):
+        array, index = segment if isinstance(segment, tuple) else (segment, None)
+        if not isinstance(array, e3nn.IrrepsArray):
+            raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
+        if array.irreps.regroup() != irreps.regroup():
+            raise ValueError(f"segment {s} has irreps {array.irreps}, expected {irreps}")
+        if index is not None:
+            array = array[index]
+        array = e3nn.IrrepsArray(array.irreps, array.array).regroup()  # dense: no zero flags
+        for (mul, ir), chunk in zip(array.irreps, array.chunks):
+            if mul > 0:
+                per_irrep[ir].append(chunk)
+    return {ir: jnp.swapaxes(jnp.concatenate(chunks, axis=-2), -1, -2)
+            for ir, chunks in per_irrep.items()}
 
 
 def tensor_product(
@@ -255,27 +199,45 @@ def tensor_product(
     Args:
         spec: from :func:`make_spec`.
         weights: one ``[mul1, mul2, mul_out]`` array per path.
-        x1: the segments of ``x1``; a segment given as ``(array, index)`` is ``array[index]``, and is
-            mixed before it is gathered (cheaper when ``array`` has fewer rows than ``index``).
-        x2: ``[..., in2.dim]`` or None.
+        x1: the segments of ``x1``; a segment given as ``(array, index)`` is ``array[index]``
+            (e.g. node features gathered to the edges).
+        x2: ``[..., in2.dim]``, or None for the constant ``1x0e`` (then the product is linear).
 
     Returns:
         ``[..., out.dim]`` with irreps ``spec.irreps_out``.
     """
     if len(x1) != len(spec.segments):
         raise ValueError(f"expected {len(spec.segments)} input segments, got {len(x1)}")
-    total: list = [None] * len(spec.paths)
-    for s, (seg, irreps) in enumerate(zip(x1, spec.segments)):
-        array, index = seg if isinstance(seg, tuple) else (seg, None)
-        if not isinstance(array, e3nn.IrrepsArray):
-            raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
-        if array.irreps.regroup() != irreps.regroup():
-            raise ValueError(f"segment {s} has irreps {array.irreps}, expected {irreps}")
-        mixed = mix_channels(spec, weights, array, s)
-        if index is not None:
-            mixed = [None if m is None else m[index] for m in mixed]
-        total = [m if t is None else (t if m is None else t + m) for t, m in zip(total, mixed)]
-    return couple(spec, total, x2)
+    chunks = _input_chunks(spec, x1)
+    first = next(iter(chunks.values()))
+    leading, dtype = first.shape[:-2], first.dtype
+    x2_chunks = None
+    if x2 is not None:
+        x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()  # dense: no zero-flagged chunks
+        if x2.irreps != spec.irreps_in2:
+            raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects {spec.irreps_in2}")
+        x2_chunks = [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in x2.chunks]
+    outputs = []
+    for i_out, (mul_out, ir_out) in enumerate(spec.irreps_out):
+        coupled, blocks = [], []
+        for path, w in zip(spec.paths, weights):
+            if path.i_out != i_out:
+                continue
+            ir1 = spec.irreps_in1[path.i1].ir
+            x = chunks[ir1]  # [..., i, u]
+            if x2_chunks is None:  # 0e coupling is the identity in "component" normalisation
+                coupled.append(x)
+                blocks.append(w[:, 0, :])
+                continue
+            ir2 = spec.irreps_in2[path.i2].ir
+            cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
+            a = jnp.einsum("...vj,ijk->...vik", x2_chunks[path.i2], jnp.asarray(cg, dtype))
+            z = jnp.swapaxes(_couple_components(a, x), -3, -2)  # [..., k, v, u]
+            coupled.append(z.reshape(z.shape[:-2] + (-1,)))
+            blocks.append(jnp.swapaxes(w, 0, 1).reshape(-1, mul_out))  # rows ordered (v, u)
+        out = jnp.concatenate(coupled, axis=-1) @ jnp.concatenate(blocks, axis=0)  # [..., k, w]
+        outputs.append(jnp.swapaxes(out, -1, -2))
+    return e3nn.from_chunks(spec.irreps_out, outputs, leading, dtype)
 
 
 def init_bound(spec: TensorProductSpec, weight_init: str) -> Tuple[float, ...]:

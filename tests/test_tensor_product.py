@@ -54,7 +54,7 @@ def test_linear_when_second_input_is_absent(keys):
 
 
 def test_gathered_segments_equal_the_concatenated_input(keys):
-    """Mixing per node, then gathering, is the same function as gathering, then mixing."""
+    """Segments given as (array, index) are the same function as the gathered, concatenated input."""
     nodes = e3nn.normal("3x0e+2x1o", next(keys), (5,))
     extra = e3nn.normal("2x0e", next(keys), (9,))
     senders = jax.random.randint(next(keys), (9,), 0, 5)
