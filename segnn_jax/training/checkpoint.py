@@ -118,7 +118,7 @@ class CheckpointManager:
         if keep < 2:
             raise ValueError(
                 f"keep must be >= 2 so that a corrupt checkpoint has a fallback, got {keep}")
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()  # orbax needs absolute paths
         self.keep = keep
         self._is_writer = jax.process_index() == 0
         if self._is_writer:

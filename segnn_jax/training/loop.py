@@ -268,6 +268,9 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
         run.truncate_metrics(int(loop_state["metrics_lines"]))
         _log.info("resuming from step %d (epoch %d, batch %d)", ckpt_step, start_epoch, start_batch)
         emit("resume", {"step": ckpt_step, "epoch": start_epoch, "batch_in_epoch": start_batch})
+    else:
+        # A fresh start: events left by an earlier attempt that never checkpointed are stale.
+        run.truncate_metrics(0)
     state = _replicate(state, mesh)
     run.write_info(num_parameters=count_parameters(state.params), data_stats=data_stats,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps,
