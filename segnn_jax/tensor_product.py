@@ -169,23 +169,31 @@ def _couple_components_bwd(residuals, dz):
 _couple_components.defvjp(_couple_components_fwd, _couple_components_bwd)
 
 
-def _input_chunks(spec: TensorProductSpec, x1: Sequence[Segment]) -> dict:
-    """For each irrep of ``in1``: ``[..., 2l+1, mul1]`` (components first), segments concatenated."""
-    per_irrep: dict = {ir: [] for _, ir in spec.irreps_in1}
+def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment]) -> list:
+    """For each segment: ``{ir: ([..., 2l+1, mul], (start, stop))}``: components-first chunks and
+    the rows of the path weights (input channels) they correspond to.
+
+    Segments are kept apart rather than concatenated: concatenating inputs that many paths read
+    makes XLA's backward pass slow on CPU, while concatenating the coupled products does not.
+    """
+    filled = {ir: 0 for _, ir in spec.irreps_in1}
+    segments = []
     for s, (segment, irreps) in enumerate(zip(x1, spec.segments)):
         array, index = segment if isinstance(segment, tuple) else (segment, None)
         if not isinstance(array, e3nn.IrrepsArray):
             raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
         if array.irreps.regroup() != irreps.regroup():
             raise ValueError(f"segment {s} has irreps {array.irreps}, expected {irreps}")
-        if index is not None:
-            array = array[index]
         array = e3nn.IrrepsArray(array.irreps, array.array).regroup()  # dense: no zero flags
+        chunks = {}
         for (mul, ir), chunk in zip(array.irreps, array.chunks):
-            if mul > 0:
-                per_irrep[ir].append(chunk)
-    return {ir: jnp.swapaxes(jnp.concatenate(chunks, axis=-2), -1, -2)
-            for ir, chunks in per_irrep.items()}
+            if mul == 0:
+                continue
+            chunk = jnp.swapaxes(chunk, -1, -2)  # transposed before the gather: fewer rows
+            chunks[ir] = (chunk if index is None else chunk[index], (filled[ir], filled[ir] + mul))
+            filled[ir] += mul
+        segments.append(chunks)
+    return segments
 
 
 def tensor_product(
@@ -208,8 +216,8 @@ def tensor_product(
     """
     if len(x1) != len(spec.segments):
         raise ValueError(f"expected {len(spec.segments)} input segments, got {len(x1)}")
-    chunks = _input_chunks(spec, x1)
-    first = next(iter(chunks.values()))
+    segments = _segment_chunks(spec, x1)
+    first = next(chunk for seg in segments for chunk, _ in seg.values())
     leading, dtype = first.shape[:-2], first.dtype
     x2_chunks = None
     if x2 is not None:
@@ -224,17 +232,22 @@ def tensor_product(
             if path.i_out != i_out:
                 continue
             ir1 = spec.irreps_in1[path.i1].ir
-            x = chunks[ir1]  # [..., i, u]
-            if x2_chunks is None:  # 0e coupling is the identity in "component" normalisation
-                coupled.append(x)
-                blocks.append(w[:, 0, :])
-                continue
-            ir2 = spec.irreps_in2[path.i2].ir
-            cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
-            a = jnp.einsum("...vj,ijk->...vik", x2_chunks[path.i2], jnp.asarray(cg, dtype))
-            z = jnp.swapaxes(_couple_components(a, x), -3, -2)  # [..., k, v, u]
-            coupled.append(z.reshape(z.shape[:-2] + (-1,)))
-            blocks.append(jnp.swapaxes(w, 0, 1).reshape(-1, mul_out))  # rows ordered (v, u)
+            a = None
+            if x2_chunks is not None:
+                ir2 = spec.irreps_in2[path.i2].ir
+                cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
+                a = jnp.einsum("...vj,ijk->...vik", x2_chunks[path.i2], jnp.asarray(cg, dtype))
+            for seg in segments:
+                if ir1 not in seg:
+                    continue
+                x, (start, stop) = seg[ir1]  # [..., i, u]
+                if a is None:  # 0e coupling is the identity in "component" normalisation
+                    coupled.append(x)
+                    blocks.append(w[start:stop, 0, :])
+                    continue
+                z = jnp.swapaxes(_couple_components(a, x), -3, -2)  # [..., k, v, u]
+                coupled.append(z.reshape(z.shape[:-2] + (-1,)))
+                blocks.append(jnp.swapaxes(w[start:stop], 0, 1).reshape(-1, mul_out))  # rows (v, u)
         out = jnp.concatenate(coupled, axis=-1) @ jnp.concatenate(blocks, axis=0)  # [..., k, w]
         outputs.append(jnp.swapaxes(out, -1, -2))
     return e3nn.from_chunks(spec.irreps_out, outputs, leading, dtype)
