@@ -30,7 +30,8 @@ training set and fewer epochs (the validation and test sets stay whole)::
 
 The CPU results in benchmarks/results/qm9_*.json were made with a smaller model (documented there):
 ``--config.model.hidden_features=32 --config.model.lmax_hidden=1 --config.model.lmax_attr=1
---config.model.num_layers=4`` (16x0e+16x1o), ~400 molecules/s on that CPU.
+--config.model.num_layers=4`` (16x0e+16x1o), 300-400 molecules/s on that CPU (alpha: 5 epochs of the
+full training set in 36 min, test MAE 2.13 a0^3).
 """
 
 import ml_collections
