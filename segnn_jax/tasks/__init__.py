@@ -28,6 +28,7 @@ __all__ = ["TASKS", "TaskInputError", "UnknownTaskError", "get_task"]
 TASKS: Dict[str, str] = {
     "nbody": "segnn_jax.tasks.nbody",
     "qm9": "segnn_jax.tasks.qm9",
+    "oc20": "segnn_jax.tasks.oc20",
 }
 
 

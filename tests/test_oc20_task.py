@@ -1,0 +1,280 @@
+"""Tests of the OC20 IS2RE task: periodic featurizer invariances, splits, baselines, metric sums,
+end-to-end train / evaluate / predict on a few EMT samples, config errors, Xu & Kitchin loading."""
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segnn_jax.configs import load_config
+from segnn_jax.graph import batch_graphs, pad_graph
+from segnn_jax.tasks import get_task
+from segnn_jax.tasks import oc20
+from segnn_jax.training import ConfigError, metrics_from_sums
+
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
+XU_KITCHIN = SHARED / "adsorption_dft"
+
+
+def _config(**data):
+    config = load_config("test_oc20")
+    config.data.update(data)
+    return config
+
+
+def _slab_system(seed=0):
+    """O on a rattled 2x2x3 Cu(111) slab: a cell smaller than twice the cutoff."""
+    from ase.build import add_adsorbate, fcc111
+
+    atoms = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
+    add_adsorbate(atoms, "O", 1.5, "fcc")
+    atoms.pbc = True
+    atoms.rattle(0.05, seed=seed)
+    tags = np.where(atoms.numbers == 8, 2, 1)
+    return oc20.System(atoms.positions.copy(), atoms.cell.array.copy(), np.ones(3, bool),
+                       atoms.numbers.copy(), tags, -1.0, "O", "Cu", "slab")
+
+
+@pytest.fixture(scope="module")
+def tiny_apply():
+    """A jitted ``apply(system) -> energy`` of a randomly initialised tiny model (one shape)."""
+    config = _config(cutoff=4.0)
+    config.model.num_layers = 2  # more than the test config: exercise the message passing
+    model = oc20.make_model(config)
+
+    def padded(system):
+        graph = oc20.system_graph(system, 4.0)
+        return pad_graph(batch_graphs([graph]), 32, 2048, 2)
+
+    params, state = model.init(jax.random.PRNGKey(0), padded(_slab_system()))
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                          params)  # non-trivial weights
+    apply = jax.jit(lambda g: model.apply(params, state, None, g, False)[0][0])
+    return lambda system: float(apply(padded(system)))
+
+
+def _random_rotation(seed):
+    q, _ = np.linalg.qr(np.random.RandomState(seed).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def test_featurizer_invariances(tiny_apply):
+    system = _slab_system()
+    energy = tiny_apply(system)
+    assert energy != 0.0
+    tolerance = 1e-4 * abs(energy) + 1e-7  # relative, with a float32 floor
+    rotation = _random_rotation(3)
+    rotated = system._replace(positions=system.positions @ rotation.T,
+                              cell=system.cell @ rotation.T)
+    translated = system._replace(positions=system.positions + np.array([0.7, -1.3, 2.1]))
+    perm = np.random.RandomState(4).permutation(len(system.atomic_numbers))
+    permuted = system._replace(positions=system.positions[perm],
+                               atomic_numbers=system.atomic_numbers[perm], tags=system.tags[perm])
+    wrapped_positions = system.positions.copy()
+    wrapped_positions[2] += system.cell[0] - 2 * system.cell[1]
+    wrapped = system._replace(positions=wrapped_positions)
+    # The same lattice described by other cell vectors: a1 + a2, a2, a3.
+    rebased = system._replace(cell=np.stack([system.cell[0] + system.cell[1], system.cell[1],
+                                             system.cell[2]]))
+    for name, variant in [("rotated", rotated), ("translated", translated),
+                          ("permuted", permuted), ("wrapped", wrapped), ("rebased", rebased)]:
+        assert abs(tiny_apply(variant) - energy) < tolerance, name
+    # The test can fail: moving the adsorbate changes the energy.
+    moved = system.positions.copy()
+    moved[-1] += np.array([0.0, 0.0, 0.4])
+    assert abs(tiny_apply(system._replace(positions=moved)) - energy) > 100 * tolerance
+
+
+def test_periodic_graph_uses_cell_offsets():
+    system = _slab_system()
+    graph = oc20.system_graph(system, 4.0)
+    shifts = graph.edges["shifts"]
+    assert np.any(np.abs(shifts) > 0)  # a 2x2 cell at 4 A needs periodic images
+    vectors = (graph.nodes["positions"][graph.senders] - graph.nodes["positions"][graph.receivers]
+               + shifts)
+    lengths = np.linalg.norm(vectors, axis=1)
+    assert lengths.max() < 4.0 and lengths.min() > 0.5
+    # An isolated atom (huge cell, no neighbours) gets no edge and the attribute (1, 0, ...).
+    lone = system._replace(positions=system.positions[:1], atomic_numbers=system.atomic_numbers[:1],
+                           tags=system.tags[:1], cell=np.eye(3) * 50.0)
+    assert oc20.system_graph(lone, 4.0).n_edge[0] == 0
+
+
+def test_random_split_disjoint_and_complete():
+    parts = oc20.random_split(50, 0.2, 0.1, seed=1)
+    joined = np.concatenate([parts[s] for s in oc20.SPLITS])
+    assert sorted(joined.tolist()) == list(range(50))
+    assert (len(parts["valid"]), len(parts["test"])) == (10, 5)
+    with pytest.raises(oc20.OC20DataError):
+        oc20.random_split(2, 0.4, 0.4, seed=0)
+
+
+def test_group_split_holds_out_whole_groups():
+    rng = np.random.RandomState(0)
+    labels = [str(v) for v in rng.choice(["CO", "O", "H", "OH", "N", "C", "CH3"], size=300)]
+    indices, groups = oc20.group_split(labels, 0.15, 0.15, seed=2)
+    assert sorted(np.concatenate(list(indices.values())).tolist()) == list(range(300))
+    seen = {split: {labels[i] for i in idx} for split, idx in indices.items()}
+    for split in oc20.SPLITS:
+        assert seen[split] == set(groups[split]) and seen[split]
+    assert not seen["train"] & seen["valid"] and not seen["train"] & seen["test"]
+    assert not seen["valid"] & seen["test"]
+    # Every system of a held-out group is held out.
+    for i, label in enumerate(labels):
+        if label in seen["test"]:
+            assert i in set(indices["test"].tolist())
+    assert sum(len(indices[s]) for s in ("test",)) >= 0.15 * 300
+    with pytest.raises(oc20.OC20DataError, match="at least 3"):
+        oc20.group_split(["a", "b", "a"], 0.3, 0.3, seed=0)
+
+
+def test_split_systems_by_metal():
+    systems = [_slab_system()._replace(catalyst=m, adsorbate=a, name=f"{m}{a}{k}")
+               for k, (m, a) in enumerate((m, a) for m in "ABCDEF" for a in ("O", "H") * 3)]
+    cfg = oc20.validate_config(_config(split="ood_cat"))
+    splits, info = oc20.split_systems(cfg, systems)
+    metals = {split: {s.catalyst for s in items} for split, items in splits.items()}
+    assert metals["train"].isdisjoint(metals["test"] | metals["valid"])
+    assert metals["test"].isdisjoint(metals["valid"])
+    assert set(info["groups"]["test"]) == metals["test"]
+
+
+def test_ridge_exact_on_linear_data():
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(40, 5))
+    w_true, b_true = rng.normal(size=5), 0.7
+    w, b = oc20.ridge_fit(x, x @ w_true + b_true, alpha=0.0)
+    np.testing.assert_allclose(w, w_true, atol=1e-10)
+    assert abs(b - b_true) < 1e-10
+    w_reg, _ = oc20.ridge_fit(x, x @ w_true + b_true, alpha=100.0)
+    assert np.linalg.norm(w_reg) < np.linalg.norm(w_true)  # the penalty shrinks the weights
+
+
+def test_composition_baseline_recovers_additive_energies():
+    base = _slab_system()
+    energies = {"O": -1.0, "H": 0.5, "CO": -2.0}
+    systems = []
+    for k in range(12):
+        ads = list(energies)[k % 3]
+        n_cu = 10 + k % 4
+        numbers = np.array([29] * n_cu + [8])
+        systems.append(base._replace(atomic_numbers=numbers, adsorbate=ads,
+                                     energy=0.1 * n_cu + energies[ads]))
+    model = oc20.CompositionBaseline(alpha=0.0).fit(systems)
+    np.testing.assert_allclose(model.predict(systems), [s.energy for s in systems], atol=1e-10)
+    means = oc20.adsorbate_mean_baseline(systems, [systems[0]._replace(adsorbate="NEW")])
+    np.testing.assert_allclose(means, [np.mean([s.energy for s in systems])])
+
+
+def test_energy_error_sums_exact():
+    error = jnp.array([0.01, -0.019, 0.5, -0.03, 123.0])
+    mask = jnp.array([True, True, True, True, False])
+    sums = {k: float(v) for k, v in oc20.energy_error_sums(error, mask).items()}
+    assert sums == pytest.approx({"mae_sum": 0.559, "ewt_sum": 2.0, "count": 4.0})
+    metrics = metrics_from_sums(sums)
+    assert metrics["mae"] == pytest.approx(0.559 / 4) and metrics["ewt"] == 0.5
+    host = oc20.energy_metrics([0.01, -0.019, 0.5, -0.03], [0.0] * 4)
+    assert host == pytest.approx({"mae_ev": 0.559 / 4, "ewt": 0.5, "count": 4})
+
+
+def test_bad_options_fail_naming_the_option():
+    with pytest.raises(ConfigError, match=r"config\.data\.spilt"):
+        oc20.validate_config(_config(spilt="id"))
+    with pytest.raises(ConfigError, match=r"config\.data\.split"):
+        oc20.validate_config(_config(split="ood_both"))
+    with pytest.raises(ConfigError, match=r"config\.data\.cutoff"):
+        oc20.validate_config(_config(cutoff=-1.0))
+    config = _config()
+    config.embedding.dim = 0
+    with pytest.raises(ConfigError, match=r"config\.embedding\.dim"):
+        oc20.validate_config(config)
+    with pytest.raises(ConfigError, match=r"config\.data\.path"):
+        oc20.train(_config(), "unused")
+
+
+@pytest.fixture(scope="module")
+def emt_dir(tmp_path_factory):
+    from segnn_jax.datasets.emt import generate_emt_dataset
+
+    out = tmp_path_factory.mktemp("emt")
+    generate_emt_dataset(out, n_samples=12, seed=0, n_workers=1, shard_size=12, progress=False)
+    return out
+
+
+def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
+    assert get_task("oc20") is oc20
+    run_dir = tmp_path / "run"
+    results = oc20.train(_config(path=str(emt_dir)), run_dir, command="test")
+    assert results["level_of_theory"] == "EMT"
+    assert results["n_train"] + results["n_valid"] + results["n_test"] == 12
+    for split in ("valid", "test"):
+        assert 0 <= results[split]["ewt"] <= 1 and np.isfinite(results[split]["mae_ev"])
+        assert results[split]["count"] == results[f"n_{split}"]
+        for baseline in ("composition_ridge", "adsorbate_mean", "train_mean"):
+            assert np.isfinite(results["baselines"][baseline][split]["mae_ev"])
+    assert json.loads((run_dir / "results.json").read_text())["test"] == results["test"]
+    evaluated = oc20.evaluate(run_dir, "test")
+    assert evaluated["count"] == results["n_test"]
+    assert evaluated["mae_ev"] == pytest.approx(results["test"]["mae_ev"], rel=1e-4)
+
+    from ase.build import add_adsorbate, fcc111
+    import ase.io
+
+    from ase.data import chemical_symbols
+    from segnn_jax.datasets.emt import METALS
+
+    known = {chemical_symbols[z] for z in results["standardisation"]["elements"]}
+    metal = next(m for m in METALS if m in known)
+    adsorbate = next(a for a in ("O", "H", "C", "N") if a in known)
+    structures = []
+    for site in ("fcc", "ontop"):
+        atoms = fcc111(metal, size=(3, 3, 3), vacuum=7.5)
+        add_adsorbate(atoms, adsorbate, 1.5, site)
+        del atoms.info["adsorbate_info"]  # not extxyz-writable
+        atoms.pbc = True
+        structures.append(atoms)
+    path = tmp_path / "new.extxyz"
+    ase.io.write(path, structures)
+    out = oc20.predict(run_dir, path)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["name"] for r in rows] == ["new.extxyz:0", "new.extxyz:1"]
+    assert all(r["level_of_theory"] == "EMT" and np.isfinite(float(r["adsorption_energy_ev"]))
+               for r in rows)
+    assert rows[0]["adsorption_energy_ev"] != rows[1]["adsorption_energy_ev"]
+    atoms = fcc111(metal, size=(2, 2, 3), vacuum=7.5)
+    add_adsorbate(atoms, "S", 1.5, "fcc")  # S: no EMT sample has it
+    del atoms.info["adsorbate_info"]
+    ase.io.write(tmp_path / "sulfur.extxyz", atoms)
+    with pytest.raises(oc20.OC20InputError, match="S"):
+        oc20.predict(run_dir, tmp_path / "sulfur.extxyz")
+    (tmp_path / "junk.xyz").write_text("not a structure\n")
+    with pytest.raises(oc20.OC20InputError, match="junk.xyz"):
+        oc20.predict(run_dir, tmp_path / "junk.xyz")
+
+
+def test_ood_split_on_emt_labels(emt_dir):
+    systems, level = oc20.load_systems(emt_dir)
+    assert level == "EMT" and all(s.adsorbate and s.catalyst for s in systems)
+    cfg = oc20.validate_config(_config(path=str(emt_dir), split="ood_ads"))
+    splits, info = oc20.split_systems(cfg, systems)
+    ads = {split: {s.adsorbate for s in items} for split, items in splits.items()}
+    assert ads["train"].isdisjoint(ads["valid"] | ads["test"])
+
+
+def test_xu_kitchin_samples():
+    if not XU_KITCHIN.is_dir():
+        pytest.skip(f"Xu & Kitchin data not found at {XU_KITCHIN}")
+    systems = oc20.load_xu_kitchin(XU_KITCHIN)
+    energies = json.loads((XU_KITCHIN / "xu_kitchin_2014_energies.json").read_text())
+    numeric = sum(1 for m in energies.values() for a in m.values() for s in a.values()
+                  for c, e in s.items() if c != "0.0" and e != "Q")
+    assert len(systems) == numeric == 882
+    assert all(16 < len(s.atomic_numbers) <= 20 and s.catalyst in s.name for s in systems)
+    folds = oc20.kfold_indices(len(systems), 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(882))
+    with pytest.raises(oc20.XuKitchinNotFoundError):
+        oc20.load_xu_kitchin(SHARED)
