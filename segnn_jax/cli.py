@@ -8,6 +8,7 @@ Usage::
     segnn train path/to/my_config.py --config.model.name=seconv_nonlinear
     segnn evaluate runs/paper --split test            # best checkpoint on a split, as JSON
     segnn predict runs/paper systems.npz -o out.npz   # N-body: positions/velocities/charges
+    segnn predict runs/qm9_alpha molecules.xyz        # QM9: xyz or ASE-readable files -> CSV
 
 Overrides are ``--config.a.b=value`` (or ``--config.a.b value``). Each is parsed with the type of
 the option's default (int, float, bool as true/false, str, tuples as ``0.8,0.9`` or ``(0.8, 0.9)``;
@@ -228,13 +229,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     predict = sub.add_parser(
         "predict", help="predict on new inputs with a run's best checkpoint",
-        description="N-body input: an .npz with positions and velocities [S, N, 3] (or [N, 3]) "
-                    "and charges [S, N] (charged) or optional masses [S, N] (gravity). Output: "
-                    "an .npz with the predicted positions [S, N, 3].")
+        description="The input depends on the run's task. N-body: an .npz with positions and "
+                    "velocities [S, N, 3] (or [N, 3]) and charges [S, N] (charged) or optional "
+                    "masses [S, N] (gravity); output an .npz with the predicted positions. QM9: "
+                    "an xyz or ASE-readable structure file (every frame a molecule); output a "
+                    "CSV (or JSON with -o name.json) of the predicted property.")
     predict.add_argument("run_dir")
     predict.add_argument("input")
     predict.add_argument("-o", "--output", default=None,
-                         help="output file (default <input>_predicted.npz)")
+                         help="output file (default: next to the input, named by the task)")
     return parser
 
 
