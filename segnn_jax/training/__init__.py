@@ -17,6 +17,7 @@ from segnn_jax.training.config import (TRAIN_DEFAULTS, ConfigError, check_budget
                                        validate_train_config)
 from segnn_jax.training.loop import FitResult, NonFiniteLossError, evaluate, fit
 from segnn_jax.training.optim import OPTIMIZER_DEFAULTS, make_optimizer, make_schedule
+from segnn_jax.training.restore import restore_best_params
 from segnn_jax.training.run import (RunDirectory, count_parameters, git_revision,
                                     plot_learning_curves, read_metrics, summary_table, versions)
 from segnn_jax.training.step import (TrainState, data_mesh, init_train_state, make_eval_step,
@@ -51,6 +52,7 @@ __all__ = [
     "metrics_from_sums",
     "plot_learning_curves",
     "read_metrics",
+    "restore_best_params",
     "shard_batch",
     "stack_batches",
     "summary_table",
