@@ -12,8 +12,7 @@ import pytest
 
 from segnn_jax.configs import load_config
 from segnn_jax.graph import batch_graphs, pad_graph
-from segnn_jax.tasks import get_task
-from segnn_jax.tasks import oc20
+from segnn_jax.tasks import get_task, oc20
 from segnn_jax.training import ConfigError, metrics_from_sums
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -221,10 +220,10 @@ def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
     assert evaluated["count"] == results["n_test"]
     assert evaluated["mae_ev"] == pytest.approx(results["test"]["mae_ev"], rel=1e-4)
 
-    from ase.build import add_adsorbate, fcc111
     import ase.io
-
+    from ase.build import add_adsorbate, fcc111
     from ase.data import chemical_symbols
+
     from segnn_jax.datasets.emt import METALS
 
     known = {chemical_symbols[z] for z in results["standardisation"]["elements"]}
@@ -240,7 +239,8 @@ def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
     path = tmp_path / "new.extxyz"
     ase.io.write(path, structures)
     out = oc20.predict(run_dir, path)
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["new.extxyz:0", "new.extxyz:1"]
     assert all(r["level_of_theory"] == "EMT" and np.isfinite(float(r["adsorption_energy_ev"]))
                for r in rows)
@@ -260,7 +260,7 @@ def test_ood_split_on_emt_labels(emt_dir):
     systems, level = oc20.load_systems(emt_dir)
     assert level == "EMT" and all(s.adsorbate and s.catalyst for s in systems)
     cfg = oc20.validate_config(_config(path=str(emt_dir), split="ood_ads"))
-    splits, info = oc20.split_systems(cfg, systems)
+    splits, _ = oc20.split_systems(cfg, systems)
     ads = {split: {s.adsorbate for s in items} for split, items in splits.items()}
     assert ads["train"].isdisjoint(ads["valid"] | ads["test"])
 

@@ -380,7 +380,7 @@ def energy_metrics(predicted: np.ndarray, target: np.ndarray,
     """``{"mae_ev", "ewt", "count"}`` of host-side predictions (baselines), float64."""
     error = np.abs(np.asarray(predicted, np.float64) - np.asarray(target, np.float64))
     return {"mae_ev": float(np.mean(error)), "ewt": float(np.mean(error < threshold)),
-            "count": int(len(error))}
+            "count": len(error)}
 
 
 def make_loss_fn(model: hk.TransformedWithState, std: float):
@@ -531,8 +531,8 @@ def random_split(n: int, valid_fraction: float, test_fraction: float,
     Raises:
         OC20DataError: too few systems for three non-empty parts.
     """
-    n_valid = max(1, int(round(n * valid_fraction)))
-    n_test = max(1, int(round(n * test_fraction)))
+    n_valid = max(1, round(n * valid_fraction))
+    n_test = max(1, round(n * test_fraction))
     if n_valid + n_test >= n:
         raise OC20DataError(f"{n} systems are too few for a validation ({n_valid}), test "
                             f"({n_test}) and non-empty training split")
@@ -878,7 +878,7 @@ def cross_validate(config: Any, run_dir: Union[str, Path], *,
     for k, test_index in enumerate(folds):
         rest = np.setdiff1d(np.arange(len(systems)), test_index)
         inner = np.random.RandomState(cfg["data"]["cv_seed"] + 1 + k).permutation(rest)
-        n_valid = max(1, int(round(len(inner) * cfg["data"]["valid_fraction"])))
+        n_valid = max(1, round(len(inner) * cfg["data"]["valid_fraction"]))
         splits = {"train": [systems[i] for i in inner[n_valid:]],
                   "valid": [systems[i] for i in inner[:n_valid]],
                   "test": [systems[i] for i in test_index]}
@@ -997,8 +997,9 @@ def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     cfg, stats = _read_run(Path(run_dir))
     if cfg["data"]["dataset"] != "is2re":
-        raise ConfigError("config.data.dataset: a cross-validation run has one run directory per "
-                          "fold; evaluate run_dir/fold_<k>")
+        raise ConfigError("config.data.dataset: evaluate re-splits IS2RE data; the test metrics of "
+                          "each cross-validation fold are in the run's results.json (predict works "
+                          "with a fold's run directory)")
     systems, _ = load_systems(_data_path(cfg))
     splits, _ = split_systems(cfg, systems)
     loader = make_loaders(cfg, {split: splits[split]}, stats)[split]
