@@ -968,23 +968,7 @@ def _read_run(run_dir: Path) -> Tuple[Dict[str, Any], Standardisation]:
 def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jraph.GraphsTuple):
     """``(params, model_state, step)`` of the best-by-validation checkpoint of a run (EMA
     parameters when the run evaluated with them)."""
-    model = make_model(cfg)
-    train_cfg = cfg["train"]
-    optimizer, _ = training.make_optimizer(train_cfg["optimizer"],
-                                           total_steps=max(int(train_cfg["num_epochs"]), 1),
-                                           steps_per_epoch=1)
-    ema = train_cfg["ema_decay"] is not None
-    # Only the structure, shapes and dtypes of the template matter to the restore.
-    template = jax.eval_shape(
-        lambda: training.init_train_state(model.init, optimizer,
-                                          jax.random.PRNGKey(int(train_cfg["seed"])), example,
-                                          ema=ema))
-    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    manager = training.CheckpointManager(Path(run_dir).resolve() / "checkpoints",
-                                         keep=int(train_cfg["keep_checkpoints"]))
-    state, _, step = manager.restore_best(template)
-    params = state.ema_params if ema and train_cfg["eval_with_ema"] else state.params
-    return params, state.model_state, step
+    return training.restore_best_params(make_model(cfg).init, cfg["train"], run_dir, example)
 
 
 def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
