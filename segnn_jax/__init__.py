@@ -28,7 +28,15 @@ from segnn_jax.graph import (
 from segnn_jax.irreps import balanced_irreps, count_tensor_product_weights, weight_balanced_irreps
 from segnn_jax.layers import O3TensorProduct, O3TensorProductGate, gate, gate_irreps
 from segnn_jax.norm import BatchNorm, InstanceNorm
-from segnn_jax.segnn import SEGNN, SEConv, SEConvLayer, SEGNNLayer, pool_nodes
+from segnn_jax.segnn import (
+    SEGNN,
+    SEConv,
+    SEConvLayer,
+    SEGNNLayer,
+    pool_nodes,
+    stack_layer_params,
+    unstack_layer_params,
+)
 
 __version__ = "0.1.0"
 
@@ -64,8 +72,10 @@ __all__ = [
     "pool_nodes",
     "radius_graph_edges",
     "safe_norm",
+    "stack_layer_params",
     "unbatch_graphs",
     "unpad_graph",
+    "unstack_layer_params",
     "validate_positions",
     "weight_balanced_irreps",
 ]

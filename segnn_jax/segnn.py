@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import re
+from typing import Mapping
+
 import e3nn_jax as e3nn
 import haiku as hk
 import jax
@@ -26,7 +29,8 @@ from segnn_jax.graph import node_mask as graph_node_mask
 from segnn_jax.layers import O3TensorProduct, O3TensorProductGate
 from segnn_jax.norm import BatchNorm, InstanceNorm
 
-__all__ = ["SEConv", "SEConvLayer", "SEGNN", "SEGNNLayer", "pool_nodes"]
+__all__ = ["SEConv", "SEConvLayer", "SEGNN", "SEGNNLayer", "pool_nodes", "stack_layer_params",
+           "unstack_layer_params"]
 
 NORMS = (None, "none", "instance", "batch")
 POOLS = ("avg", "sum")
@@ -119,7 +123,7 @@ class _SteerableNetwork(hk.Module):
 
     def __init__(self, hidden_irreps, output_irreps, num_layers: int, *, task: str = "node",
                  pool: str = "avg", norm: Optional[str] = None, weight_init: str = "reference",
-                 name: Optional[str] = None):
+                 scan_layers: bool = False, name: Optional[str] = None):
         super().__init__(name=name)
         if task not in ("node", "graph"):
             raise ValueError(f"task must be 'node' or 'graph', got {task!r}")
@@ -137,6 +141,7 @@ class _SteerableNetwork(hk.Module):
         self.pool = pool
         self.norm = _check_norm(norm)
         self.weight_init = weight_init
+        self.scan_layers = scan_layers
 
     def _layer_options(self) -> dict:
         """Constructor arguments of one message-passing layer (``layer_class`` is set by subclasses)."""
@@ -159,10 +164,19 @@ class _SteerableNetwork(hk.Module):
         node_attr, edge_attr = st_graph.node_attributes, st_graph.edge_attributes
         features = O3TensorProduct(self.hidden_irreps, weight_init=wi, name="embedding")(
             st_graph.node_features, node_attr)
-        for index in range(self.num_layers):
+        extra = st_graph.additional_message_features
+        if self.scan_layers and self.num_layers > 0:
+            def one_layer(x):
+                layer = self.layer_class(self.hidden_irreps, name="layer", **self._layer_options())
+                x = e3nn.IrrepsArray(self.hidden_irreps, x)
+                return layer(x, edge_attr, node_attr, extra, ctx, is_training).array
+
+            # One traced layer body with stacked parameters: compilation no longer grows with depth.
+            stack = hk.layer_stack(self.num_layers, name="layers")(one_layer)
+            features = e3nn.IrrepsArray(self.hidden_irreps, stack(features.regroup().array))
+        for index in range(0 if self.scan_layers else self.num_layers):
             layer = self.layer_class(self.hidden_irreps, name=f"layer_{index}", **self._layer_options())
-            features = layer(features, edge_attr, node_attr,
-                                          st_graph.additional_message_features, ctx, is_training)
+            features = layer(features, edge_attr, node_attr, extra, ctx, is_training)
         features = O3TensorProductGate(self.hidden_irreps, weight_init=wi, name="pre_pool_1")(
             features, node_attr)
         if self.task == "node":
@@ -206,6 +220,9 @@ class SEGNN(_SteerableNetwork):
         pool: ``"avg"`` or ``"sum"`` for ``task="graph"``.
         norm: None, ``"instance"`` or ``"batch"`` (batch norm needs ``hk.transform_with_state``).
         weight_init: ``"reference"`` or ``"unit"``.
+        scan_layers: run the message-passing layers with ``hk.layer_stack`` (a scan over stacked
+            parameters, see :func:`stack_layer_params`): the same function, compiled once instead
+            of once per layer, so compilation time no longer grows with depth.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs
@@ -269,3 +286,45 @@ class SEConv(_SteerableNetwork):
 
     def _layer_options(self) -> dict:
         return dict(super()._layer_options(), nonlinear=self.nonlinear)
+
+
+_UNROLLED = re.compile(r"^(?P<net>.*)/layer_(?P<index>\d+)(?P<rest>(/.*)?)$")
+_STACKED = re.compile(r"^(?P<net>.*)/layers/layer(?P<rest>(/.*)?)$")
+
+
+def stack_layer_params(params: Mapping, num_layers: int) -> dict:
+    """Converts parameters (or state) of an unrolled network to its ``scan_layers=True`` layout.
+
+    ``net/layer_{i}/module`` entries become ``net/layers/layer/module`` with a leading axis of
+    size ``num_layers``; the others are kept as they are.
+    """
+    stacked: dict = {}
+    per_layer: dict = {}
+    for module, values in params.items():
+        match = _UNROLLED.match(module)
+        if match is None:
+            stacked[module] = dict(values)
+            continue
+        target = f"{match['net']}/layers/layer{match['rest']}"
+        per_layer.setdefault(target, {})[int(match["index"])] = values
+    for target, layers in per_layer.items():
+        if sorted(layers) != list(range(num_layers)):
+            raise ValueError(f"{target}: expected layers 0..{num_layers - 1}, found {sorted(layers)}")
+        stacked[target] = {name: jnp.stack([layers[i][name] for i in range(num_layers)])
+                           for name in layers[0]}
+    return stacked
+
+
+def unstack_layer_params(params: Mapping) -> dict:
+    """The inverse of :func:`stack_layer_params`."""
+    unrolled: dict = {}
+    for module, values in params.items():
+        match = _STACKED.match(module)
+        if match is None:
+            unrolled[module] = dict(values)
+            continue
+        for name, value in values.items():
+            for index in range(value.shape[0]):
+                target = f"{match['net']}/layer_{index}{match['rest']}"
+                unrolled.setdefault(target, {})[name] = value[index]
+    return unrolled

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import segnn_jax as sj
-from model_fixtures import make_model, pad, random_graph, to_device
+from model_fixtures import featurize, make_model, pad, random_graph, to_device
 
 
 def random_o3(key, dtype):
@@ -170,3 +170,32 @@ def test_bad_inputs_give_precise_errors(keys):
         sj.pad_graph(graph, 4, 20, 2)
     with pytest.raises(sj.PaddingBudgetError, match="n_edge budget 5"):
         sj.pad_graph(graph, 8, 5, 2)
+
+
+@pytest.mark.parametrize("network,norm", [("segnn", "instance"), ("segnn", "batch"),
+                                          ("seconv_nonlinear", None)])
+def test_scanned_layers_equal_unrolled_layers(keys, network, norm):
+    """scan_layers=True is the same function: converted parameters give the same outputs."""
+    rng = np.random.default_rng(6)
+    batch = to_device(pad([random_graph(rng, 5), random_graph(rng, 4)], 12, 40, 3))
+    pos, vel = batch.nodes["positions"], batch.nodes["velocities"]
+    outputs = {}
+    for scan in (False, True):
+        def forward(g, x, v, scan=scan):
+            inputs = featurize(g, x, v)
+            kwargs = dict(task="graph", norm=norm, scan_layers=scan)
+            if network == "segnn":
+                return sj.SEGNN("4x0e+2x1o", "2x0e", 3, **kwargs)(inputs, True).array
+            return sj.SEConv("4x0e+2x1o", "2x0e", 3, nonlinear=True, **kwargs)(inputs, True).array
+
+        outputs[scan] = hk.without_apply_rng(hk.transform_with_state(forward))
+    params, state = outputs[False].init(next(keys), batch, pos, vel)
+    unrolled, _ = jax.jit(outputs[False].apply)(params, state, batch, pos, vel)
+    stacked_params = sj.stack_layer_params(params, 3)
+    stacked_state = sj.stack_layer_params(state, 3)
+    scanned, new_state = jax.jit(outputs[True].apply)(stacked_params, stacked_state, batch, pos, vel)
+    np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-6)
+    template, _ = outputs[True].init(next(keys), batch, pos, vel)
+    assert jax.tree_util.tree_structure(template) == jax.tree_util.tree_structure(stacked_params)
+    round_trip = sj.unstack_layer_params(stacked_params)
+    assert jax.tree_util.tree_structure(round_trip) == jax.tree_util.tree_structure(params)

@@ -13,6 +13,9 @@ The section (see :func:`default_model_config`)::
     pool             "avg" | "sum" (graph-level tasks)
     task             "node" | "graph"
     weight_init      "reference" | "unit"
+    scan_layers      run the layers as a scan over stacked parameters: the same function, compiled
+                     once instead of once per layer (QM9 reference: 20 s instead of 60 s to compile
+                     the training step here); checkpoints then hold stacked layer parameters
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
 them to :func:`create_model`.
@@ -45,6 +48,7 @@ _DEFAULTS: Dict[str, Any] = {
     "pool": "avg",
     "task": "node",
     "weight_init": "reference",
+    "scan_layers": False,
 }
 
 _CHOICES = {
@@ -84,6 +88,8 @@ def validate_model_config(config: Any, *, name: str = "config.model") -> Dict[st
     _int_option(full, "lmax_hidden", name, 0)
     _int_option(full, "lmax_attr", name, 0)
     _int_option(full, "num_layers", name, 0)
+    if not isinstance(full["scan_layers"], bool):
+        raise ConfigError(f"{name}.scan_layers: expected true or false, got {full['scan_layers']!r}")
     if full["hidden_irreps"] is not None:
         try:
             irreps = e3nn.Irreps(full["hidden_irreps"])
@@ -136,7 +142,7 @@ def create_model(model_config: Any, *, output_irreps) -> Callable[[], hk.Module]
     irreps = hidden_irreps(cfg)
     output_irreps = e3nn.Irreps(output_irreps)
     common = dict(task=cfg["task"], pool=cfg["pool"], norm=cfg["norm"],
-                  weight_init=cfg["weight_init"])
+                  weight_init=cfg["weight_init"], scan_layers=cfg["scan_layers"])
 
     def factory() -> hk.Module:
         if cfg["name"] == "segnn":
