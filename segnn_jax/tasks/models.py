@@ -89,7 +89,8 @@ def validate_model_config(config: Any, *, name: str = "config.model") -> Dict[st
     _int_option(full, "lmax_attr", name, 0)
     _int_option(full, "num_layers", name, 0)
     if not isinstance(full["scan_layers"], bool):
-        raise ConfigError(f"{name}.scan_layers: expected true or false, got {full['scan_layers']!r}")
+        raise ConfigError(
+            f"{name}.scan_layers: expected true or false, got {full['scan_layers']!r}")
     if full["hidden_irreps"] is not None:
         try:
             irreps = e3nn.Irreps(full["hidden_irreps"])

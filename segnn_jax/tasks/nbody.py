@@ -49,10 +49,11 @@ from segnn_jax.attributes import (
     pair_products,
     safe_norm,
 )
-from segnn_jax.batching import BatchBudget, GraphLoader, estimate_budget, graph_sizes
+from segnn_jax.batching import GraphLoader
 from segnn_jax.datasets import nbody as nbody_data
 from segnn_jax.graph import edge_mask, node_graph_index, node_mask
 from segnn_jax.tasks import TaskInputError, models
+from segnn_jax.tasks.common import batch_budget, positive_int
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
 __all__ = [
@@ -114,15 +115,6 @@ class NBodyInputError(TaskInputError):
 # Config
 
 
-def _positive_int(section: Mapping[str, Any], key: str, name: str, *,
-                  optional: bool = False) -> None:
-    value = section[key]
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}.{key}: expected a positive integer, got {value!r}")
-
-
 def validate_config(config: Any) -> Dict[str, Any]:
     """Checks a whole N-body config and returns it as a plain nested dict with defaults filled in.
 
@@ -144,7 +136,7 @@ def validate_config(config: Any) -> Dict[str, Any]:
         raise ConfigError(f"config.data.dataset: expected 'charged' or 'gravity', "
                           f"got {data['dataset']!r}")
     for key in ("n_train", "n_valid", "n_test"):
-        _positive_int(data, key, "config.data")
+        positive_int(data, key, "config.data")
     sizes = nbody_data.CHARGED if data["dataset"] == "charged" else nbody_data.GRAVITY
     for split, key in _SPLIT_SIZE.items():
         available = int(np.subtract(*sizes.split_range(split)[::-1]))
@@ -159,15 +151,15 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["target_frame"] <= data["input_frame"]:
         raise ConfigError(f"config.data.target_frame: must come after input_frame "
                           f"({data['input_frame']}), got {data['target_frame']}")
-    _positive_int(data, "neighbours", "config.data", optional=True)
+    positive_int(data, "neighbours", "config.data", optional=True)
     if data["centering"] not in CENTERINGS:
         raise ConfigError(f"config.data.centering: expected one of {CENTERINGS}, "
                           f"got {data['centering']!r}")
     if data["data_dir"] is not None and not isinstance(data["data_dir"], str):
         raise ConfigError(f"config.data.data_dir: expected a path or None, "
                           f"got {data['data_dir']!r}")
-    _positive_int(batch, "batch_size", "config.batch")
-    _positive_int(batch, "eval_batch_size", "config.batch", optional=True)
+    positive_int(batch, "batch_size", "config.batch")
+    positive_int(batch, "eval_batch_size", "config.batch", optional=True)
     training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
     return {"task": "nbody", "data": data, "batch": batch,
             "model": models.validate_model_config(config.get("model")),
@@ -281,17 +273,6 @@ def _graphs(cfg: Dict[str, Any], data: nbody_data.NBodyData) -> list:
     return nbody_data.nbody_graphs(data, k=cfg["data"]["neighbours"])
 
 
-def _budget(cfg: Dict[str, Any], graphs: list, batch_size: int) -> BatchBudget:
-    batch = cfg["batch"]
-    n_node, n_edge = graph_sizes(graphs)
-    training.check_budgets({"max_nodes": batch["max_nodes"], "max_edges": batch["max_edges"]},
-                           {"max_nodes": int(n_node.max()), "max_edges": int(n_edge.max())},
-                           padding={"max_nodes": 1})
-    estimate = estimate_budget(graphs, batch_size)
-    return BatchBudget(batch["max_nodes"] or estimate.n_node, batch["max_edges"] or estimate.n_edge,
-                       batch_size + 1)
-
-
 def make_loaders(config: Any, splits: Mapping[str, nbody_data.NBodyData]) -> Dict[str, GraphLoader]:
     """Graph loaders for the given splits; the training one shuffles with ``config.train.seed``.
 
@@ -310,7 +291,8 @@ def make_loaders(config: Any, splits: Mapping[str, nbody_data.NBodyData]) -> Dic
     loaders = {}
     for split, split_graphs in graphs.items():
         size = batch_size if split == "train" else eval_size
-        loaders[split] = GraphLoader(split_graphs, size, budget=_budget(cfg, reference, size),
+        budget = batch_budget(cfg["batch"], reference, size)
+        loaders[split] = GraphLoader(split_graphs, size, budget=budget,
                                      shuffle=split == "train", seed=int(cfg["train"]["seed"]))
     return loaders
 
@@ -508,7 +490,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
         targets=np.zeros_like(arrays["positions"]), horizon=float("nan"), name=dataset)
     graphs = _graphs(cfg, data)
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
-    loader = GraphLoader(graphs, eval_size, budget=_budget(cfg, graphs, eval_size))
+    loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size))
     model = make_model(cfg)
     params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
     apply = jax.jit(lambda p, st, g: model.apply(p, st, None, g, False)[0])

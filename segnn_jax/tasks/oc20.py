@@ -71,12 +71,11 @@ from segnn_jax.batching import (
     BatchBudget,
     GraphLoader,
     bucket_budgets,
-    estimate_budget_from_sizes,
-    graph_sizes,
 )
 from segnn_jax.graph import edge_mask, graph_mask, make_graph
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.tasks import TaskInputError, models
+from segnn_jax.tasks.common import batch_budget, positive_int
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
 __all__ = [
@@ -233,16 +232,6 @@ class Standardisation(NamedTuple):
 # Config
 
 
-def _positive_int(section: Mapping[str, Any], key: str, name: str, *, optional: bool,
-                  minimum: int = 1) -> None:
-    value = section[key]
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}.{key}: expected an integer >= {minimum}"
-                          f"{' or None' if optional else ''}, got {value!r}")
-
-
 def _fraction(section: Mapping[str, Any], key: str, name: str) -> None:
     value = section[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -282,24 +271,24 @@ def validate_config(config: Any) -> Dict[str, Any]:
         raise ConfigError(f"config.data.split: expected one of {_SPLIT_CHOICES}, "
                           f"got {data['split']!r}")
     for key in ("split_seed", "cv_seed"):
-        _positive_int(data, key, "config.data", optional=False, minimum=0)
-    _positive_int(data, "cv_folds", "config.data", optional=False, minimum=2)
+        positive_int(data, key, "config.data", optional=False, minimum=0)
+    positive_int(data, "cv_folds", "config.data", optional=False, minimum=2)
     for key in ("valid_fraction", "test_fraction"):
         _fraction(data, key, "config.data")
     if data["valid_fraction"] + data["test_fraction"] >= 1:
         raise ConfigError("config.data.test_fraction: valid_fraction + test_fraction must be < 1, "
                           f"got {data['valid_fraction']} + {data['test_fraction']}")
     for key in ("n_train", "n_valid", "n_test"):
-        _positive_int(data, key, "config.data", optional=True)
-    _positive_int(batch, "batch_size", "config.batch", optional=False)
-    _positive_int(batch, "eval_batch_size", "config.batch", optional=True)
+        positive_int(data, key, "config.data", optional=True)
+    positive_int(batch, "batch_size", "config.batch", optional=False)
+    positive_int(batch, "eval_batch_size", "config.batch", optional=True)
     training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
     try:
         bucket_budgets(BatchBudget(100, 100, 2), batch["buckets"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.batch.buckets: {e}") from e
     batch["buckets"] = tuple(float(f) for f in batch["buckets"])
-    _positive_int(embedding, "dim", "config.embedding", optional=False)
+    positive_int(embedding, "dim", "config.embedding", optional=False)
     alpha = baseline["ridge_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ConfigError(f"config.baseline.ridge_alpha: expected a number >= 0, got {alpha!r}")
@@ -732,19 +721,6 @@ def _graphs(cfg: Dict[str, Any], systems: Sequence[System],
                          else 0.0) for s in systems]
 
 
-def _budget(cfg: Dict[str, Any], graphs: Sequence[jraph.GraphsTuple],
-            batch_size: int) -> BatchBudget:
-    """One budget for all the given graphs (training and evaluation batches share shapes)."""
-    batch = cfg["batch"]
-    n_node, n_edge = graph_sizes(graphs)
-    training.check_budgets({"max_nodes": batch["max_nodes"], "max_edges": batch["max_edges"]},
-                           {"max_nodes": int(n_node.max()), "max_edges": int(n_edge.max())},
-                           padding={"max_nodes": 1})
-    estimate = estimate_budget_from_sizes(n_node, n_edge, batch_size)
-    return BatchBudget(batch["max_nodes"] or estimate.n_node, batch["max_edges"] or estimate.n_edge,
-                       batch_size + 1)
-
-
 def make_loaders(cfg: Dict[str, Any], splits: Mapping[str, Sequence[System]],
                  stats: Standardisation) -> Dict[str, GraphLoader]:
     """Graph loaders of the given splits; "train" shuffles with ``config.train.seed``."""
@@ -752,7 +728,7 @@ def make_loaders(cfg: Dict[str, Any], splits: Mapping[str, Sequence[System]],
     eval_size = cfg["batch"]["eval_batch_size"] or batch_size
     graphs = {split: _graphs(cfg, systems, stats) for split, systems in splits.items()}
     every = [g for split_graphs in graphs.values() for g in split_graphs]
-    budgets = {size: _budget(cfg, every, size) for size in {batch_size, eval_size}}
+    budgets = {size: batch_budget(cfg["batch"], every, size) for size in {batch_size, eval_size}}
     return {split: GraphLoader(split_graphs, batch_size if split == "train" else eval_size,
                                budget=budgets[batch_size if split == "train" else eval_size],
                                shuffle=split == "train", seed=int(cfg["train"]["seed"]),
@@ -1063,7 +1039,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
                 f"{', '.join(chemical_symbols[z] for z in stats.elements)})")
     graphs = [system_graph(s, float(cfg["data"]["cutoff"])) for s in systems]
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
-    loader = GraphLoader(graphs, eval_size, budget=_budget(cfg, graphs, eval_size),
+    loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size),
                          buckets=cfg["batch"]["buckets"])
     model = make_model(cfg)
     params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))

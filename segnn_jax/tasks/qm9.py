@@ -56,12 +56,11 @@ from segnn_jax.batching import (
     BatchBudget,
     GraphLoader,
     bucket_budgets,
-    estimate_budget_from_sizes,
-    graph_sizes,
 )
 from segnn_jax.datasets import qm9 as qm9_data
 from segnn_jax.graph import edge_mask, graph_mask
 from segnn_jax.tasks import TaskInputError, models
+from segnn_jax.tasks.common import batch_budget, positive_int
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
 __all__ = [
@@ -144,14 +143,6 @@ class Standardisation(NamedTuple):
 # Config
 
 
-def _optional_positive_int(section: Mapping[str, Any], key: str, name: str) -> None:
-    value = section[key]
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}.{key}: expected a positive integer or None, got {value!r}")
-
-
 def validate_config(config: Any) -> Dict[str, Any]:
     """Checks a whole QM9 config and returns it as a plain nested dict with defaults filled in.
 
@@ -190,12 +181,12 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"config.data.split_seed: expected an integer >= 0, got {seed!r}")
     for key in ("n_train", "n_valid", "n_test"):
-        _optional_positive_int(data, key, "config.data")
+        positive_int(data, key, "config.data", optional=True)
     for key in ("source", "data_dir"):
         if data[key] is not None and not isinstance(data[key], str):
             raise ConfigError(f"config.data.{key}: expected a path or None, got {data[key]!r}")
     for key in ("batch_size", "eval_batch_size"):
-        _optional_positive_int(batch, key, "config.batch")
+        positive_int(batch, key, "config.batch", optional=True)
     if batch["batch_size"] is None:
         raise ConfigError("config.batch.batch_size: expected a positive integer, got None")
     training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
@@ -355,19 +346,6 @@ def _graphs(cfg: Dict[str, Any], molecules: qm9_data.QM9Molecules,
                                 .astype(np.float32)}) for g in graphs]
 
 
-def _budget(cfg: Dict[str, Any], graphs: Sequence[jraph.GraphsTuple],
-            batch_size: int) -> BatchBudget:
-    """One budget for all the given graphs (all splits: train and eval batches share shapes)."""
-    batch = cfg["batch"]
-    n_node, n_edge = graph_sizes(graphs)
-    training.check_budgets({"max_nodes": batch["max_nodes"], "max_edges": batch["max_edges"]},
-                           {"max_nodes": int(n_node.max()), "max_edges": int(n_edge.max())},
-                           padding={"max_nodes": 1})
-    estimate = estimate_budget_from_sizes(n_node, n_edge, batch_size)
-    return BatchBudget(batch["max_nodes"] or estimate.n_node, batch["max_edges"] or estimate.n_edge,
-                       batch_size + 1)
-
-
 def make_loaders(config: Any, splits: Mapping[str, qm9_data.QM9Molecules],
                  stats: Standardisation) -> Dict[str, GraphLoader]:
     """Graph loaders for the given splits; the training one shuffles with ``config.train.seed``.
@@ -382,7 +360,7 @@ def make_loaders(config: Any, splits: Mapping[str, qm9_data.QM9Molecules],
     eval_size = cfg["batch"]["eval_batch_size"] or batch_size
     graphs = {split: _graphs(cfg, molecules, stats) for split, molecules in splits.items()}
     every = [g for split_graphs in graphs.values() for g in split_graphs]
-    budgets = {size: _budget(cfg, every, size) for size in {batch_size, eval_size}}
+    budgets = {size: batch_budget(cfg["batch"], every, size) for size in {batch_size, eval_size}}
     loaders = {}
     for split, split_graphs in graphs.items():
         size = batch_size if split == "train" else eval_size
@@ -627,7 +605,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     graphs = [g._replace(globals={"targets": np.zeros((1, 1), np.float32)})
               for g in qm9_data.molecules_to_graphs(molecules, (), cutoff=float(cfg["data"]["cutoff"]))]
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
-    loader = GraphLoader(graphs, eval_size, budget=_budget(cfg, graphs, eval_size),
+    loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size),
                          buckets=cfg["batch"]["buckets"])
     model = make_model(cfg)
     params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))

@@ -1,0 +1,41 @@
+"""Pieces every task shares: option checks and the padding budget of its loaders."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jraph
+
+from segnn_jax import training
+from segnn_jax.batching import BatchBudget, estimate_budget_from_sizes, graph_sizes
+from segnn_jax.training.config import ConfigError
+
+__all__ = ["batch_budget", "positive_int"]
+
+
+def positive_int(section: Mapping[str, Any], key: str, name: str, *, optional: bool = False,
+                 minimum: int = 1) -> None:
+    """Raises ConfigError naming ``name.key`` unless it is an integer >= ``minimum`` (or None)."""
+    value = section[key]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name}.{key}: expected {expected}{' or None' if optional else ''}, "
+                          f"got {value!r}")
+
+
+def batch_budget(batch: Mapping[str, Any], graphs: Sequence[jraph.GraphsTuple],
+                 batch_size: int) -> BatchBudget:
+    """One padding budget for all the given graphs (training and evaluation batches share shapes).
+
+    ``batch["max_nodes"]`` / ``batch["max_edges"]`` override the estimate from the graphs; a value
+    smaller than the largest graph raises ConfigError naming the option.
+    """
+    n_node, n_edge = graph_sizes(graphs)
+    training.check_budgets({"max_nodes": batch["max_nodes"], "max_edges": batch["max_edges"]},
+                           {"max_nodes": int(n_node.max()), "max_edges": int(n_edge.max())},
+                           padding={"max_nodes": 1})
+    estimate = estimate_budget_from_sizes(n_node, n_edge, batch_size)
+    return BatchBudget(batch["max_nodes"] or estimate.n_node, batch["max_edges"] or estimate.n_edge,
+                       batch_size + 1)
