@@ -476,16 +476,8 @@ def _read_run(run_dir: Path) -> Tuple[Dict[str, Any], Standardisation]:
 
 
 def restore_params(config: Any, run_dir: Union[str, Path], example: jraph.GraphsTuple):
-    """Parameters and model state of the best-by-validation checkpoint of a run.
-
-    Returns the EMA parameters when the run kept them and evaluated with them.
-
-    Returns:
-        ``(params, model_state, step)``.
-
-    Raises:
-        CheckpointError: no usable checkpoint, or one of another model.
-    """
+    """``(params, model_state, step)`` of the run's best checkpoint (see
+    :func:`segnn_jax.training.restore_best_params`)."""
     cfg = validate_config(config)
     return training.restore_best_params(make_model(cfg).init, cfg["train"], run_dir, example)
 
