@@ -70,3 +70,16 @@ def to_device(graph, dtype=jnp.float32):
         x = jnp.asarray(x)
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
     return jax.tree_util.tree_map(cast, graph)
+
+
+def tiny_graphs(n, seed):
+    """n small fully connected graphs with 2-feature nodes and one scalar target each."""
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for _ in range(n):
+        k = int(rng.integers(2, 6))
+        senders, receivers = sj.fully_connected_edges(k)
+        graphs.append(sj.make_graph(rng.normal(size=(k, 3)).astype(np.float32), senders, receivers,
+                                 nodes={"features": rng.normal(size=(k, 2)).astype(np.float32)},
+                                 globals={"targets": rng.normal(size=(1, 1)).astype(np.float32)}))
+    return graphs

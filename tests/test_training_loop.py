@@ -7,24 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import tiny_graphs
 
 from segnn_jax.batching import BatchBudget, GraphLoader
-from segnn_jax.graph import (batch_graphs, fully_connected_edges, graph_mask, make_graph,
-                             node_graph_index, pad_graph)
+from segnn_jax.graph import batch_graphs, graph_mask, node_graph_index, pad_graph
 from segnn_jax.training import (CheckpointManager, ConfigError, NonFiniteLossError, fit,
                                 read_metrics)
-
-
-def tiny_graphs(n, seed):
-    rng = np.random.default_rng(seed)
-    graphs = []
-    for _ in range(n):
-        k = int(rng.integers(2, 6))
-        senders, receivers = fully_connected_edges(k)
-        graphs.append(make_graph(rng.normal(size=(k, 3)).astype(np.float32), senders, receivers,
-                                 nodes={"features": rng.normal(size=(k, 2)).astype(np.float32)},
-                                 globals={"targets": rng.normal(size=(1, 1)).astype(np.float32)}))
-    return graphs
 
 
 def _forward(graph):

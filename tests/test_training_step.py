@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import haiku as hk
@@ -12,27 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import tiny_graphs
 
-from segnn_jax.graph import (batch_graphs, fully_connected_edges, graph_mask, make_graph,
-                             node_graph_index, pad_graph)
-from segnn_jax.training import (TrainState, data_mesh, init_train_state, make_eval_step,
+from segnn_jax.graph import batch_graphs, graph_mask, node_graph_index, pad_graph
+from segnn_jax.training import (data_mesh, init_train_state, make_eval_step,
                                 make_optimizer, make_train_step, metrics_from_sums, stack_batches)
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 # The tiny model and task; the multi-device subprocess imports them from this file.
-def tiny_graphs(n, seed):
-    rng = np.random.default_rng(seed)
-    graphs = []
-    for _ in range(n):
-        k = int(rng.integers(2, 6))
-        senders, receivers = fully_connected_edges(k)
-        graphs.append(make_graph(rng.normal(size=(k, 3)).astype(np.float32), senders, receivers,
-                                 nodes={"features": rng.normal(size=(k, 2)).astype(np.float32)},
-                                 globals={"targets": rng.normal(size=(1, 1)).astype(np.float32)}))
-    return graphs
-
-
 def _forward(graph):
     x = jnp.concatenate([graph.nodes["features"], graph.nodes["positions"]], axis=-1)
     h = hk.nets.MLP([8, 4], activation=jax.nn.silu)(x)  # [N, 4]
