@@ -1,5 +1,6 @@
 """segnn_jax: Steerable E(3) Equivariant Graph Neural Networks in JAX, Haiku and e3nn-jax."""
 
+from segnn_jax.artifact import ArtifactError, TrainedModel, load_artifact
 from segnn_jax.attributes import (
     SteerableGraphsTuple,
     edge_attributes,
@@ -41,6 +42,7 @@ from segnn_jax.segnn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "BatchNorm",
     "InstanceNorm",
     "InvalidPositionsError",
@@ -52,6 +54,7 @@ __all__ = [
     "SEGNN",
     "SEGNNLayer",
     "SteerableGraphsTuple",
+    "TrainedModel",
     "balanced_irreps",
     "batch_graphs",
     "count_tensor_product_weights",
@@ -63,6 +66,7 @@ __all__ = [
     "gate_irreps",
     "graph_mask",
     "knn_graph_edges",
+    "load_artifact",
     "make_graph",
     "node_attributes",
     "node_graph_index",

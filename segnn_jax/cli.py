@@ -9,6 +9,7 @@ Usage::
     segnn evaluate runs/paper --split test            # best checkpoint on a split, as JSON
     segnn predict runs/paper systems.npz -o out.npz   # N-body: positions/velocities/charges
     segnn predict runs/qm9_alpha molecules.xyz        # QM9: xyz or ASE-readable files -> CSV
+    segnn export runs/paper paper.segnn               # best checkpoint as one portable file
 
 Overrides are ``--config.a.b=value`` (or ``--config.a.b value``). Each is parsed with the type of
 the option's default (int, float, bool as true/false, str, tuples as ``0.8,0.9`` or ``(0.8, 0.9)``;
@@ -210,6 +211,16 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from segnn_jax.artifact import TrainedModel
+
+    model = TrainedModel.from_run(Path(args.run_dir))
+    path = model.save(args.output)
+    print(f"{model!r} (checkpoint step {model.info['checkpoint_step']}) exported to {path}; "
+          f"load it with segnn_jax.load_artifact({str(path)!r})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segnn", description="Steerable E(3) equivariant GNNs: train, evaluate, predict.",
@@ -238,6 +249,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("input")
     predict.add_argument("-o", "--output", default=None,
                          help="output file (default: next to the input, named by the task)")
+    export = sub.add_parser(
+        "export", help="write a run's best checkpoint as one portable artifact file",
+        description="Writes config, parameters, the files predictions need, the library version "
+                    "and SHA-256 checksums into one file (a zip of JSON and .npz, no pickle); "
+                    "segnn_jax.load_artifact(path) loads it back for inference.")
+    export.add_argument("run_dir")
+    export.add_argument("output", help="the artifact to write, e.g. model.segnn")
     return parser
 
 
@@ -250,7 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("segnn_jax").setLevel(logging.INFO)
+    from segnn_jax.artifact import ArtifactError
     from segnn_jax.tasks import TaskInputError, UnknownTaskError
+    from segnn_jax.tasks.inference import UnsupportedTaskError
     from segnn_jax.training import CheckpointError
 
     try:
@@ -260,11 +280,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_train(args, extra)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_predict(args)
     except (ConfigError, UnknownTaskError) as e:
         print(f"segnn: config error: {e}", file=sys.stderr)
         return 2
-    except (TaskInputError, FileNotFoundError, CheckpointError, ImportError) as e:
+    except (TaskInputError, FileNotFoundError, CheckpointError, ImportError, ArtifactError,
+            UnsupportedTaskError) as e:
         print(f"segnn: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,162 @@
+"""Portable trained models (segnn_jax.artifact): export a run, reload it, identical predictions;
+incompatible, tampered, truncated and foreign files refused with a message naming the file."""
+
+import io
+import json
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+import segnn_jax
+from segnn_jax import artifact, cli
+from segnn_jax.configs import load_config
+from segnn_jax.tasks import inference, nbody, qm9
+from segnn_jax.training import CheckpointManager, make_optimizer
+from segnn_jax.training.step import init_train_state
+
+
+def _random_like(tree, seed):
+    """Arrays of the shapes and dtypes of ``tree`` (e.g. from jax.eval_shape): normal floats,
+    zero integers. Cheaper than initialising the model, which compiles or runs eagerly."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype)
+                        if np.issubdtype(s.dtype, np.floating) else np.zeros(s.shape, s.dtype),
+                        tree)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny N-body run directory with one checkpoint of random parameters (no training: the
+    export path only needs config.json and a best checkpoint)."""
+    path = tmp_path_factory.mktemp("run")
+    cfg = nbody.validate_config(load_config("test_nbody"))
+    cfg["model"]["num_layers"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    optimizer, _ = make_optimizer(cfg["train"]["optimizer"], total_steps=1, steps_per_epoch=1)
+    example = inference.example_graph("nbody", cfg)
+    state = _random_like(jax.eval_shape(lambda: init_train_state(
+        nbody.make_model(cfg).init, optimizer, jax.random.PRNGKey(3), example)), seed=0)
+    CheckpointManager(path / "checkpoints").save(state, step=7, best_metric=0.5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact") / "model.segnn"
+    assert cli.main(["export", str(run_dir), str(out)]) == 0
+    return out
+
+
+def _members(path):
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _rewrite(path, out, **replacements):
+    members = _members(path)
+    members.update(replacements)
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return out
+
+
+def test_loaded_model_predicts_bit_identically_to_the_run(run_dir, exported):
+    cfg = nbody.validate_config(json.loads((run_dir / "config.json").read_text()))
+    example = inference.example_graph("nbody", cfg)
+    params, model_state, step = nbody.restore_params(cfg, run_dir, example)  # the task's path
+    expected = np.asarray(jax.jit(lambda g: nbody.make_model(cfg).apply(
+        params, model_state, None, g, False)[0])(example))
+
+    model = segnn_jax.load_artifact(exported)
+    assert model.task == "nbody" and model.info["checkpoint_step"] == step == 7
+    assert model.info["artifact_library_version"] == segnn_jax.__version__
+    assert jax.tree.structure(model.params) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(model.apply(example), expected)
+
+    graphs = segnn_jax.unbatch_graphs(segnn_jax.unpad_graph(example))
+    (positions,) = model.predict_graphs(graphs)
+    assert positions.shape == (5, 3)
+    np.testing.assert_array_equal(positions, expected[:5].astype(np.float64))
+
+
+def test_side_files_round_trip_and_give_physical_units(tmp_path):
+    cfg = qm9.validate_config(load_config("test_qm9"))
+    example = inference.example_graph("qm9", cfg)
+    params, state = _random_like(jax.eval_shape(qm9.make_model(cfg).init, jax.random.PRNGKey(0),
+                                                example), seed=1)
+    stats = {"target": "alpha", "unit": "a0^3", "mean": 75.0, "mad": 6.5, "atom_reference": False}
+    model = artifact.TrainedModel("qm9", cfg, params, state,
+                                  side_files={"qm9_standardisation.json": stats})
+    loaded = artifact.load_artifact(model.save(tmp_path / "qm9.segnn"))
+    assert loaded.side_files == {"qm9_standardisation.json": stats}
+    assert loaded.config == model.config
+    raw = loaded.apply(example)
+    (value,) = loaded.predict_graphs([segnn_jax.unpad_graph(example)])
+    assert value == pytest.approx(float(raw[0]) * 6.5 + 75.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("header_change, error, message", [
+    ({"library_version": "1.0.0"}, artifact.IncompatibleArtifactError,
+     "written by segnn_jax 1.0.0, incompatible"),
+    ({"format_version": artifact.ARTIFACT_FORMAT_VERSION + 1}, artifact.IncompatibleArtifactError,
+     "newer than this library reads"),
+    ({"format": "something.else"}, artifact.ArtifactError, "not a segnn artifact"),
+])
+def test_incompatible_versions_are_refused(exported, tmp_path, header_change, error, message):
+    header = json.loads(_members(exported)["segnn_artifact.json"])
+    header.update(header_change)
+    bad = _rewrite(exported, tmp_path / "bad.segnn", **{"segnn_artifact.json": json.dumps(header)})
+    with pytest.raises(error, match=message) as info:
+        artifact.load_artifact(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_version_compatibility_rule():
+    assert artifact._compatible("0.1.0", "0.1.7") and artifact._compatible("1.2.0", "1.9.1")
+    assert not artifact._compatible("0.1.0", "0.2.0") and not artifact._compatible("1.0", "2.0")
+    assert not artifact._compatible("unknown", "0.1.0")
+
+
+def test_tampered_members_fail_their_checksum(exported, tmp_path):
+    members = _members(exported)
+    arrays = bytearray(members["arrays.npz"])
+    arrays[-200] ^= 0x01  # one bit of one parameter
+    bad = _rewrite(exported, tmp_path / "bits.segnn", **{"arrays.npz": bytes(arrays)})
+    with pytest.raises(artifact.ArtifactError, match="arrays.npz does not match its SHA-256"):
+        artifact.load_artifact(bad)
+
+    description = json.loads(members["model.json"])
+    description["config"]["model"]["num_layers"] = 3
+    bad = _rewrite(exported, tmp_path / "config.segnn", **{"model.json": json.dumps(description)})
+    with pytest.raises(artifact.ArtifactError, match="model.json does not match its SHA-256"):
+        artifact.load_artifact(bad)
+
+
+def test_truncated_and_foreign_files_are_refused(exported, tmp_path, capsys):
+    data = exported.read_bytes()
+    truncated = tmp_path / "truncated.segnn"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(artifact.ArtifactError, match="truncated or corrupt") as info:
+        artifact.load_artifact(truncated)
+    assert str(truncated) in str(info.value)
+
+    text = tmp_path / "notes.segnn"
+    text.write_text("not a model")
+    with pytest.raises(artifact.ArtifactError, match="not a segnn artifact"):
+        artifact.load_artifact(text)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("other.txt", "x")
+    (tmp_path / "other.zip").write_bytes(buffer.getvalue())
+    with pytest.raises(artifact.ArtifactError, match="missing segnn_artifact.json"):
+        artifact.load_artifact(tmp_path / "other.zip")
+    with pytest.raises(FileNotFoundError, match="no such artifact"):
+        artifact.load_artifact(tmp_path / "absent.segnn")
+
+    assert cli.main(["export", str(tmp_path / "no_run"), str(tmp_path / "x.segnn")]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
