@@ -31,6 +31,9 @@ class SteerableGraphsTuple(NamedTuple):
         node_attributes: ``[N, irreps_attr]``, l = 0 component equal to 1.
         edge_attributes: ``[E, irreps_attr]``.
         additional_message_features: ``[E, k x 0e]`` invariants appended to every message, or None.
+        edge_weights: ``[E]`` invariant factors multiplying every message before the sum over
+            senders, or None (all 1). A smooth cutoff envelope here makes the network a smooth
+            function of the positions as atoms cross the cutoff (interatomic potentials).
     """
 
     graph: jraph.GraphsTuple
@@ -38,6 +41,7 @@ class SteerableGraphsTuple(NamedTuple):
     node_attributes: e3nn.IrrepsArray
     edge_attributes: e3nn.IrrepsArray
     additional_message_features: Optional[e3nn.IrrepsArray] = None
+    edge_weights: Optional[jnp.ndarray] = None
 
 
 def safe_norm(vectors: jnp.ndarray, axis: int = -1, keepdims: bool = False) -> jnp.ndarray:

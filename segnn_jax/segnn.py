@@ -45,7 +45,8 @@ def _check_norm(norm: Optional[str]) -> Optional[str]:
 class _Context:
     """Per-batch index arrays that every layer needs, computed once per forward pass."""
 
-    def __init__(self, graph, n_nodes: int):
+    def __init__(self, graph, n_nodes: int, edge_weights=None):
+        self.edge_weights = edge_weights  # [E] or None
         self.senders = graph.senders
         self.receivers = graph.receivers
         self.n_nodes = n_nodes
@@ -93,6 +94,7 @@ class SEGNNLayer(hk.Module):
                                        name="message_2")(messages, edge_attr)
         if self.norm == "batch":
             messages = BatchNorm(name="message_norm")(messages, ctx.edge_mask, is_training)
+        messages = _weighted(messages, ctx)
         aggregated = e3nn.scatter_sum(messages, dst=ctx.receivers, output_size=ctx.n_nodes)
         update = O3TensorProductGate(self.hidden_irreps, weight_init=self.weight_init,
                                      name="update_1")([features, aggregated], node_attr)
@@ -104,6 +106,13 @@ class SEGNNLayer(hk.Module):
         elif self.norm == "batch":
             features = BatchNorm(name="norm")(features, ctx.node_mask, is_training)
         return features
+
+
+def _weighted(messages: e3nn.IrrepsArray, ctx: _Context) -> e3nn.IrrepsArray:
+    """Messages times the per-edge weights, if the graph has any (invariant scalars: equivariant)."""
+    if ctx.edge_weights is None:
+        return messages
+    return messages * ctx.edge_weights.astype(messages.dtype)[:, None]
 
 
 def pool_nodes(values: jnp.ndarray, ctx: _Context, pool: str) -> jnp.ndarray:
@@ -158,7 +167,7 @@ class _SteerableNetwork(hk.Module):
             ``[N, output_irreps]`` for ``task="node"``, ``[G, output_irreps]`` for ``task="graph"``
             (padding nodes/graphs included; mask them with :mod:`segnn_jax.graph`).
         """
-        ctx = _Context(st_graph.graph, st_graph.node_features.shape[0])
+        ctx = _Context(st_graph.graph, st_graph.node_features.shape[0], st_graph.edge_weights)
         _check_shapes(st_graph, ctx)
         wi = self.weight_init
         node_attr, edge_attr = st_graph.node_attributes, st_graph.edge_attributes
@@ -200,6 +209,9 @@ def _check_shapes(st_graph: SteerableGraphsTuple, ctx: _Context) -> None:
             raise TypeError(f"{name} must be an e3nn.IrrepsArray, got {type(value).__name__}")
         if value.ndim != 2 or value.shape[0] != rows:
             raise ValueError(f"{name} must have shape [{rows}, dim], got {value.shape}")
+    weights = st_graph.edge_weights
+    if weights is not None and tuple(weights.shape) != (n_edges,):
+        raise ValueError(f"edge_weights must have shape [{n_edges}], got {tuple(weights.shape)}")
     if st_graph.node_attributes.irreps != st_graph.edge_attributes.irreps:
         raise ValueError(f"node attributes ({st_graph.node_attributes.irreps}) and edge attributes "
                          f"({st_graph.edge_attributes.irreps}) must have the same irreps")
@@ -259,6 +271,7 @@ class SEConvLayer(hk.Module):
         inputs = [(features, ctx.senders)] + ([extra] if extra is not None else [])
         layer = O3TensorProductGate if self.nonlinear else O3TensorProduct
         messages = layer(self.hidden_irreps, weight_init=self.weight_init, name="message")(inputs, edge_attr)
+        messages = _weighted(messages, ctx)
         features = features.regroup() + e3nn.scatter_sum(messages, dst=ctx.receivers,
                                                          output_size=ctx.n_nodes)
         if self.norm == "instance":
