@@ -105,14 +105,16 @@ def _predictor(model, params, state):
     return predict
 
 
-@pytest.mark.parametrize("centering", ["centroid", "reference_per_particle"])
+@pytest.mark.parametrize("centering, predict_from", [
+    ("centroid", "input_position"), ("reference_per_particle", "input_position"),
+    ("centroid", "constant_velocity")])
 def test_equivariance_end_to_end_from_raw_simulation_input(config, splits, initial, keys,
-                                                           centering):
+                                                           centering, predict_from):
     """Rotate+reflect+translate positions and velocities and permute the bodies of raw simulated
     systems: the predicted positions transform the same way, unless the reference's centring is
     used (which the project keeps only for comparison)."""
     cfg = nbody.validate_config(config)
-    cfg["data"]["centering"] = centering
+    cfg["data"].update(centering=centering, predict_from=predict_from)
     model = nbody.make_model(cfg)
     data = splits["test"]
     params, state = initial
@@ -153,6 +155,31 @@ def test_loss_is_the_mse_over_all_elements_and_ignores_padding(config, splits, i
         loss_sum, (sums, _) = loss_fn(params, state, batch, None, False)
         assert float(sums["count"]) == data.positions.size
         np.testing.assert_allclose(float(loss_sum) / float(sums["count"]), expected, rtol=1e-5)
+
+
+def test_predict_from_constant_velocity_starts_from_that_baseline(config, splits, initial):
+    """With zero output weights the model predicts its origin: x + horizon v with
+    predict_from="constant_velocity", so the loss equals the constant-velocity baseline."""
+    cfg = nbody.validate_config(config)
+    cfg["data"]["predict_from"] = "constant_velocity"
+    model = nbody.make_model(cfg)
+    data = splits["valid"]
+    params, state = initial
+    params = jax.tree.map(jnp.zeros_like, params)
+    loss_sum, (sums, _) = jax.jit(nbody.make_loss_fn(model), static_argnums=4)(
+        params, state, _batch(data), None, False)
+    expected = nbody_data.trivial_baselines(data)["constant_velocity"]
+    assert not np.isclose(expected, nbody_data.trivial_baselines(data)["input_position"])
+    np.testing.assert_allclose(float(loss_sum) / float(sums["count"]), expected, rtol=1e-5)
+
+
+def test_horizon_is_the_time_between_input_and_target_frames(config):
+    cfg = nbody.validate_config(config)
+    assert nbody.horizon(cfg) == pytest.approx(1.0)  # frames 30 -> 40: 1000 steps of 0.001
+    cfg["data"]["target_frame"] = 35
+    assert nbody.horizon(cfg) == pytest.approx(0.5)
+    cfg["data"].update(dataset="gravity", target_frame=40)
+    assert nbody.horizon(cfg) == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +230,7 @@ def test_loaders_cover_every_system_once_with_a_bounded_number_of_shapes(config,
     ("data", "n_train", 20_000, "config.data.n_train"),
     ("data", "centering", "per_particle", "config.data.centering"),
     ("data", "target_frame", 20, "config.data.target_frame"),
+    ("data", "predict_from", "velocity", "config.data.predict_from"),
     ("model", "name", "egnn", "config.model.name"),
     ("model", "hidden_irreps", "not irreps", "config.model.hidden_irreps"),
     ("train", "num_epochs", 0, "config.train.num_epochs"),

@@ -12,6 +12,10 @@ Pipeline (SEGNN.md section 2.7, with the graph centroid instead of the reference
 * extra message features ``[|x_j - x_i|, q_i q_j]`` (charged) or ``[|x_j - x_i|, m_i m_j]``
   (gravity), chosen by whether the graph's nodes carry "charges";
 * output ``1x1o`` per node, added to the input position: the predicted position at the target frame.
+  ``predict_from="constant_velocity"`` adds it to the constant-velocity guess ``p_i + h v_i``
+  instead (``h`` the time between the input and target frames), so the network only learns the
+  correction due to the forces; the inputs are the same and the guess is equivariant, so the
+  model stays E(3)-equivariant.
 
 The loss is the MSE over all elements (systems x bodies x coordinates), the formula of the trivial
 baselines of :func:`segnn_jax.datasets.nbody.trivial_baselines`: ``loss_fn`` returns the sum of
@@ -62,9 +66,11 @@ __all__ = [
     "DATA_DEFAULTS",
     "DESCRIPTION",
     "DOCUMENTED_BASELINES",
+    "PREDICTION_ORIGINS",
     "NBodyInputError",
     "evaluate",
     "featurize",
+    "horizon",
     "load_splits",
     "make_loaders",
     "make_loss_fn",
@@ -80,6 +86,10 @@ DESCRIPTION = "N-body: predict positions 1000 steps ahead (charged particles, gr
 
 CENTERINGS = ("centroid", "reference_per_particle")
 
+# What the network's 1x1o output is added to: the input position (the reference) or the
+# constant-velocity guess x + horizon v.
+PREDICTION_ORIGINS = ("input_position", "constant_velocity")
+
 # The reference's numbers on the charged test set (SEGNN.md section 4); none are documented for
 # gravity.
 DOCUMENTED_BASELINES = {"charged": {"input_position": 0.246, "constant_velocity": 0.122}}
@@ -94,6 +104,7 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "target_frame": 40,
     "neighbours": None,
     "centering": "centroid",
+    "predict_from": "input_position",
 }
 
 BATCH_DEFAULTS: Dict[str, Any] = {
@@ -155,6 +166,9 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["centering"] not in CENTERINGS:
         raise ConfigError(f"config.data.centering: expected one of {CENTERINGS}, "
                           f"got {data['centering']!r}")
+    if data["predict_from"] not in PREDICTION_ORIGINS:
+        raise ConfigError(f"config.data.predict_from: expected one of {PREDICTION_ORIGINS}, "
+                          f"got {data['predict_from']!r}")
     if data["data_dir"] is not None and not isinstance(data["data_dir"], str):
         raise ConfigError(f"config.data.data_dir: expected a path or None, "
                           f"got {data['data_dir']!r}")
@@ -223,8 +237,19 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int,
     return SteerableGraphsTuple(graph, features, node_attr, edge_attr, extra)
 
 
+def horizon(config: Any) -> float:
+    """Time between the input and the target frame of a config's data set (1.0 for 30 -> 40)."""
+    data = validate_config(config)["data"]
+    sizes = nbody_data.CHARGED if data["dataset"] == "charged" else nbody_data.GRAVITY
+    steps = sizes.frame_step(data["target_frame"]) - sizes.frame_step(data["input_frame"])
+    return float(steps * sizes.dt)
+
+
 def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [N, 3]`` predicted positions, transformed by Haiku.
+
+    The network's ``1x1o`` output is added to the input position, or with
+    ``config.data.predict_from="constant_velocity"`` to ``position + horizon * velocity``.
 
     Args:
         config: a whole N-body config (validated here).
@@ -232,11 +257,16 @@ def make_model(config: Any) -> hk.TransformedWithState:
     cfg = validate_config(config)
     factory = models.create_model(cfg["model"], output_irreps="1x1o")
     lmax_attr, centering = cfg["model"]["lmax_attr"], cfg["data"]["centering"]
+    # The guess is built from the raw inputs, so it adds no trainable freedom.
+    velocity_weight = horizon(cfg) if cfg["data"]["predict_from"] == "constant_velocity" else 0.0
 
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
         st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering)
         displacement = factory()(st_graph, is_training)  # [N, 1x1o]
-        return graph.nodes["positions"] + displacement.array
+        origin = graph.nodes["positions"]
+        if velocity_weight:
+            origin = origin + velocity_weight * graph.nodes["velocities"]
+        return origin + displacement.array
 
     return hk.transform_with_state(forward)
 
