@@ -114,9 +114,9 @@ def radius_graph_edges(positions: np.ndarray, cutoff: float) -> Tuple[np.ndarray
     Returns:
         ``(senders, receivers)``, each ``[E]`` int32.
     """
-    positions = np.asarray(positions, dtype=np.float64)
-    if cutoff <= 0:
-        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    positions = _finite_positions(positions)
+    if not (np.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
     n = len(positions)
     if n < 2:
         empty = np.zeros((0,), np.int32)
@@ -129,17 +129,42 @@ def radius_graph_edges(positions: np.ndarray, cutoff: float) -> Tuple[np.ndarray
     return _cell_list_radius_edges(positions, cutoff)
 
 
+def _finite_positions(positions: np.ndarray) -> np.ndarray:
+    """``[N, 3]`` float64 positions; raises on another shape or on NaN/inf (edges would be wrong)."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.ndim != 2 or positions.shape[-1] != 3:
+        raise InvalidPositionsError(
+            f"positions must have shape [n_nodes, 3], got {positions.shape}")
+    if not np.isfinite(positions).all():
+        raise InvalidPositionsError("positions contain NaN or infinite values")
+    return positions
+
+
 def _cell_list_radius_edges(positions: np.ndarray, cutoff: float) -> Tuple[np.ndarray, np.ndarray]:
-    cells = np.floor((positions - positions.min(axis=0)) / cutoff).astype(np.int64)
-    dims = cells.max(axis=0) + 1
+    grid = np.floor((positions - positions.min(axis=0)) / cutoff)
+    if grid.max() >= 2.0**52:
+        # Cell indices beyond float64's integer range cannot tell neighbouring cells apart.
+        return _chunked_radius_edges(positions, cutoff)
+    # Per axis, only the occupied cell coordinates are numbered (ranks), so the key space is at
+    # most N^3 however far apart the points are; a neighbour coordinate that no point occupies
+    # gets the key -1, which matches no point.
+    axes = [np.unique(grid[:, a], return_inverse=True) for a in range(3)]
+    values = [v for v, _ in axes]
+    cells = np.stack([inv.reshape(-1) for _, inv in axes], axis=1).astype(np.int64)
+    dims = np.array([len(v) for v in values], np.int64)
     keys = (cells[:, 0] * dims[1] + cells[:, 1]) * dims[2] + cells[:, 2]
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     senders, receivers = [], []
     offsets = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij")).reshape(3, -1).T
     for offset in offsets:
-        neighbour_cells = cells + offset
-        inside = ((neighbour_cells >= 0) & (neighbour_cells < dims)).all(axis=1)
+        neighbour_cells = np.empty_like(cells)
+        inside = np.ones(len(positions), bool)
+        for a in range(3):
+            target = grid[:, a] + offset[a]
+            rank = np.minimum(np.searchsorted(values[a], target), len(values[a]) - 1)
+            inside &= values[a][rank] == target
+            neighbour_cells[:, a] = rank
         neighbour_keys = (neighbour_cells[:, 0] * dims[1] + neighbour_cells[:, 1]) * dims[2] + neighbour_cells[:, 2]
         start = np.searchsorted(sorted_keys, neighbour_keys, side="left")
         stop = np.searchsorted(sorted_keys, neighbour_keys, side="right")
@@ -158,18 +183,36 @@ def _cell_list_radius_edges(positions: np.ndarray, cutoff: float) -> Tuple[np.nd
     return senders[order].astype(np.int32), receivers[order].astype(np.int32)
 
 
+def _chunked_radius_edges(positions: np.ndarray, cutoff: float,
+                          block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """All-pairs search in blocks of receivers (memory ``block * N``), for extreme spreads."""
+    senders, receivers = [], []
+    for start in range(0, len(positions), block):
+        diff = positions[None, :, :] - positions[start:start + block, None, :]
+        within = np.einsum("ijk,ijk->ij", diff, diff) < cutoff**2
+        receiver, sender = np.nonzero(within)
+        receiver += start
+        keep = receiver != sender
+        senders.append(sender[keep])
+        receivers.append(receiver[keep])
+    return (np.concatenate(senders).astype(np.int32), np.concatenate(receivers).astype(np.int32))
+
+
 def knn_graph_edges(positions: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Each node receives from its ``k`` nearest other nodes (ties broken by index).
 
     Returns:
         ``(senders, receivers)``, each ``[N k]`` int32, grouped by receiver.
     """
-    positions = np.asarray(positions, dtype=np.float64)
+    positions = _finite_positions(positions)
     n = len(positions)
     if not 0 < k < n:
         raise ValueError(f"k must be in [1, n_nodes - 1] = [1, {n - 1}], got {k}")
-    d2 = _pairwise_squared_distances(positions)
-    np.fill_diagonal(d2, np.inf)
+    with np.errstate(over="ignore"):
+        d2 = _pairwise_squared_distances(positions)
+    # NaN sorts after every number, inf included: a node is never its own neighbour, even when
+    # huge coordinates make the other distances overflow to inf.
+    np.fill_diagonal(d2, np.nan)
     senders = np.argsort(d2, axis=1, kind="stable")[:, :k]
     receivers = np.repeat(np.arange(n), k)
     return senders.reshape(-1).astype(np.int32), receivers.astype(np.int32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -131,7 +132,20 @@ def _integral(values: Any, name: str, source: str, n: int) -> np.ndarray:
     return out
 
 
-def _make_record(
+def _make_record(**fields: Any) -> OC20Record:
+    """:func:`_build_record`, with any conversion error of a stored value reported as a format
+    error naming the entry (a string where a number belongs, an object array, ...)."""
+    try:
+        return _build_record(**fields)
+    except OC20FormatError:
+        raise
+    except (ValueError, TypeError, OverflowError) as err:
+        raise OC20FormatError(
+            f"{fields['source']}: malformed field value ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _build_record(
     *,
     source: str,
     positions: Any,
@@ -435,7 +449,10 @@ def read_aselmdb(path: str | os.PathLike) -> list[OC20Record]:
             ]
         finally:
             db.close()
-    except (lmdb.Error, KeyError, ValueError, TypeError) as err:
+    except (lmdb.Error, zlib.error, KeyError, ValueError, TypeError, AttributeError, IndexError,
+            AssertionError) as err:
+        # ase-db-backends stores zlib-compressed JSON rows and checks them with assert; a damaged
+        # row surfaces as any of these.
         if isinstance(err, OC20FormatError):
             raise
         raise OC20FormatError(

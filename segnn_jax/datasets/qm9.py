@@ -24,11 +24,13 @@ import csv
 import dataclasses
 import hashlib
 import importlib.util
+import lzma
 import os
 import re
+import sqlite3
 import tarfile
 import tempfile
-import zipfile
+import zlib
 from pathlib import Path
 from typing import (
     Dict,
@@ -307,6 +309,19 @@ def _parse_int(token: str, source: str, line: int, what: str) -> int:
         raise QM9FormatError(source, line, f"bad integer {token!r} for {what}") from None
 
 
+# QM9Molecules stores indices as int32; a larger one would wrap around silently.
+_MAX_INDEX = np.iinfo(np.int32).max
+
+
+def _parse_index(token: str, source: str, line: int) -> int:
+    index = _parse_int(token, source, line, "the QM9 index")
+    if not 0 <= index <= _MAX_INDEX:
+        raise QM9FormatError(
+            source, line, f"QM9 index {index} out of range (0..{_MAX_INDEX})"
+        )
+    return index
+
+
 def _atomic_number(symbol: str, source: str, line: int) -> int:
     z = _Z_OF_SYMBOL.get(symbol)
     if z is None:
@@ -359,12 +374,14 @@ def parse_xyz_text(
             f"expected 'gdb <index>' and {len(PROPERTY_NAMES)} properties, "
             f"got {len(tokens)} fields",
         )
-    index = _parse_int(tokens[1], source, 2, "the QM9 index")
+    index = _parse_index(tokens[1], source, 2)
     properties = np.array(
         [_parse_float(token, source, 2, name) for token, name in zip(tokens[2:], PROPERTY_NAMES)]
     )
-    numbers = np.empty(n, np.uint8)
-    positions = np.empty((n, 3))
+    # Filled atom by atom (not preallocated): a corrupt count like 10**12 must reach the
+    # truncation check below instead of allocating terabytes.
+    numbers: list[int] = []
+    positions_list: list[list[float]] = []
     for k in range(n):
         line = k + 3
         if line > len(lines):
@@ -381,9 +398,10 @@ def parse_xyz_text(
                 f"expected 'element x y z charge' for atom {k + 1} of {n}, "
                 f"got {len(fields)} fields (is the atom count on line 1 right?)",
             )
-        numbers[k] = _atomic_number(fields[0], source, line)
-        for axis in range(3):
-            positions[k, axis] = _parse_float(fields[1 + axis], source, line, "a coordinate")
+        numbers.append(_atomic_number(fields[0], source, line))
+        positions_list.append(
+            [_parse_float(fields[1 + axis], source, line, "a coordinate") for axis in range(3)]
+        )
     after = n + 3
     if len(lines) < after:
         raise QM9FormatError(source, after, "truncated file: missing the frequency line")
@@ -396,7 +414,20 @@ def parse_xyz_text(
         raise QM9FormatError(
             source, len(lines) + 1, "truncated file: missing the SMILES or InChI line"
         )
-    return index, numbers, positions, properties
+    return index, np.array(numbers, np.uint8), np.array(positions_list).reshape(n, 3), properties
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise QM9FormatError(
+            source, None, f"not UTF-8 text (byte {error.start}: {error.reason})"
+        ) from None
+
+
+# What a damaged or truncated archive raises from the tarfile module and its decompressors.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def _iter_original_texts(path: Path) -> Iterator[Tuple[str, str]]:
@@ -404,20 +435,40 @@ def _iter_original_texts(path: Path) -> Iterator[Tuple[str, str]]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if _ORIGINAL_NAME.match(p.name) and p.is_file())
         for file in files:
-            yield str(file), file.read_text(encoding="utf-8", errors="strict")
-    elif tarfile.is_tarfile(path):
+            yield str(file), _decode(file.read_bytes(), str(file))
+    elif _is_tarfile(path):
         # Members are read into memory only: nothing is ever extracted, so hostile member names
         # (absolute paths, "..", links) cannot write anywhere.
-        with tarfile.open(path, mode="r:*") as archive:
-            for member in archive:
-                if not member.isfile() or not _ORIGINAL_NAME.match(Path(member.name).name):
-                    continue
-                handle = archive.extractfile(member)
-                yield f"{path}:{member.name}", handle.read().decode("utf-8")
+        yield from _iter_tar_texts(path)
     elif path.is_file():
-        yield str(path), path.read_text(encoding="utf-8")
+        yield str(path), _decode(path.read_bytes(), str(path))
     else:
         raise QM9DataNotFoundError(f"no QM9 original-format data at {path}")
+
+
+def _is_tarfile(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except _ARCHIVE_ERRORS:
+        # A compressed archive cut short can fail even this probe.
+        return path.name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+
+
+def _iter_tar_texts(path: Path) -> Iterator[tuple[str, str]]:
+    member_name = None
+    try:
+        with tarfile.open(path, mode="r:*") as archive:
+            for member in archive:
+                member_name = member.name
+                if not member.isfile() or not _ORIGINAL_NAME.match(Path(member.name).name):
+                    continue
+                raw = archive.extractfile(member).read()
+                yield f"{path}:{member.name}", _decode(raw, f"{path}:{member.name}")
+    except _ARCHIVE_ERRORS as error:
+        where = f" after member {member_name}" if member_name else ""
+        raise QM9FormatError(
+            str(path), None, f"damaged or truncated archive{where} ({type(error).__name__}: {error})"
+        ) from None
 
 
 def read_original(path: PathLike) -> QM9Molecules:
@@ -499,6 +550,8 @@ def _read_one_csv(path: Path, parts: list) -> None:
             header = next(reader)
         except StopIteration:
             raise QM9FormatError(source, 1, "empty file, expected the qm9pack header") from None
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise QM9FormatError(source, 1, f"unreadable header: {error}") from None
         missing = [name for name in _CSV_REQUIRED if name not in header]
         if missing:
             raise QM9FormatError(source, 1, f"header lacks the column(s) {', '.join(missing)}")
@@ -548,7 +601,7 @@ def _read_one_csv(path: Path, parts: list) -> None:
                 )
                 parts.append(
                     (
-                        _parse_int(row[c_index], source, line, "Index"),
+                        _parse_index(row[c_index], source, line),
                         numbers,
                         positions,
                         properties,
@@ -556,6 +609,10 @@ def _read_one_csv(path: Path, parts: list) -> None:
                 )
         except csv.Error as error:
             raise QM9FormatError(source, line, f"CSV syntax: {error}") from None
+        except UnicodeDecodeError as error:
+            raise QM9FormatError(
+                source, line, f"not UTF-8 text ({error.reason})"
+            ) from None
 
 
 def read_qm9pack_csv(paths: Optional[Union[PathLike, Sequence[PathLike]]] = None) -> QM9Molecules:
@@ -641,9 +698,31 @@ def read_ase_db(path: PathLike) -> QM9Molecules:
     if not path.is_file():
         raise QM9DataNotFoundError(f"no such ASE database: {path}")
     source = str(path)
+    if path.stat().st_size == 0:
+        # ASE would treat it as a new database (and write its tables into the user's file).
+        raise QM9FormatError(source, None, "empty file, expected an ASE database")
+    try:
+        parts = _ase_db_parts(ase.db, path, source)
+    except QM9Error:
+        raise
+    except (sqlite3.Error, OSError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, AssertionError) as error:
+        # ASE's backends (SQLite, JSON, LMDB) raise these for damaged files and odd row contents
+        # (ase.db.row checks rows with assert).
+        raise QM9FormatError(
+            source, None, f"not a readable ASE database ({type(error).__name__}: {error})"
+        ) from None
+    if not parts:
+        raise QM9FormatError(source, None, "the database holds no molecules")
+    return _concatenate(parts, source)
+
+
+def _ase_db_parts(ase_db, path: Path, source: str) -> list:
     # Only reads follow, so no lock file is needed (and none is left next to the user's data).
-    db = ase.db.connect(str(path), use_lock_file=False)
+    db = ase_db.connect(str(path), use_lock_file=False)
     declared = (db.metadata or {}).get("_property_unit_dict", {})
+    if not isinstance(declared, dict):
+        raise QM9FormatError(source, None, "metadata _property_unit_dict is not a mapping")
     parts = []
     for row in db.select():
         data = dict(row.get("data", {}) or {})
@@ -675,11 +754,15 @@ def read_ase_db(path: PathLike) -> QM9Molecules:
                     row.id,
                     f"unknown element Z={int(z)}: QM9 holds only {', '.join(ELEMENTS)}",
                 )
-        index = next((int(kvp[key]) for key in _INDEX_KEYS if key in kvp), row.id)
-        parts.append(
-            (index, numbers.astype(np.uint8), np.asarray(row.positions, np.float64), properties)
-        )
-    return _concatenate(parts, source)
+        index = next((kvp[key] for key in _INDEX_KEYS if key in kvp), row.id)
+        index = _parse_index(str(index), source, row.id)
+        positions = np.asarray(row.positions, np.float64)
+        if positions.shape != (len(numbers), 3) or not np.isfinite(positions).all():
+            raise QM9FormatError(
+                source, row.id, f"positions must be {len(numbers)} finite [x, y, z] rows"
+            )
+        parts.append((index, numbers.astype(np.uint8), positions, properties))
+    return parts
 
 
 def _unit_factor(name: str, unit: Optional[str], source: str) -> float:
@@ -766,7 +849,9 @@ def load_cache(path: PathLike, *, fingerprint: Optional[str] = None) -> Optional
             if _checksum(arrays) != str(stored["sha256"]):
                 return None
         return QM9Molecules(**arrays)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001
+        # A cache is disposable: whatever a damaged file raises (zipfile, zlib, a bad header or
+        # shape, ...), the answer is "rebuild it", never a crash of the caller.
         return None
 
 

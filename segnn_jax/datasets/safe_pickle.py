@@ -179,7 +179,8 @@ def _load_from_bytes(blob: bytes) -> np.ndarray:
         record_unpickler = _LegacyStorageUnpickler(f)
         result = record_unpickler.load()
         keys = _NoGlobalsUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+            OverflowError) as err:
         if isinstance(err, (UnsafePickleError, MalformedPickleError)):
             raise
         raise MalformedPickleError(f"corrupt legacy torch tensor blob: {err}") from err
@@ -234,7 +235,7 @@ def _rebuild_tensor_v2(
         size = tuple(int(s) for s in size)
         stride = tuple(int(s) for s in stride)
         storage_offset = int(storage_offset)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise MalformedPickleError(f"malformed tensor geometry: {err}") from err
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise MalformedPickleError(f"malformed tensor geometry size={size} stride={stride}")
@@ -314,6 +315,8 @@ def safe_loads(data: bytes) -> Any:
         KeyError,
         AttributeError,
         MemoryError,
+        OverflowError,  # int(inf) in a tensor geometry or a storage view
+        RecursionError,  # absurdly nested containers
     ) as err:
         raise MalformedPickleError(f"corrupt pickle: {type(err).__name__}: {err}") from err
 
