@@ -137,3 +137,29 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path_factory, shapes
     with pytest.raises(CheckpointError, match="does not match the model"):
         manager.restore(template, 2)
     record("checkpoint.restore (other model)", "CheckpointError")
+
+
+@pytest.mark.parametrize("manifest", ['[]', '{"files": [], "leaves": []}',
+                                      '{"files": {"a": 1}, "leaves": []}',
+                                      '{"files": {}, "leaves": [1, 2]}',
+                                      '{"files": {}, "leaves": [], "loop_state": 3}'])
+def test_checkpoint_manifest_of_the_wrong_layout_is_corrupt(tmp_path, manifest):
+    """Regression: a manifest that parsed as JSON of another layout leaked AttributeError."""
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(_saved_checkpoints(), directory)
+    (directory / "step_000000002" / "segnn_manifest.json").write_text(manifest)
+    manager = CheckpointManager(directory, keep=2)
+    with pytest.raises(CorruptCheckpointError, match=r"step_000000002.*manifest"):
+        manager.restore(_tree(0.0), 2)
+    state, _, step = manager.restore_latest(_tree(0.0))
+    assert step == 1
+    _same_tree(state, _tree(1.0))
+
+
+@pytest.mark.parametrize("pointer", ['1', '[1]', '{"step": "2", "metric": 0.5}', '{"step": 2}'])
+def test_best_pointer_of_the_wrong_layout_is_corrupt(tmp_path, pointer):
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(_saved_checkpoints(), directory)
+    (directory / "best.json").write_text(pointer)
+    with pytest.raises(CorruptCheckpointError, match="best.json: malformed"):
+        CheckpointManager(directory, keep=2).best()

@@ -151,9 +151,13 @@ class CheckpointManager:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            best = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: unreadable best-checkpoint pointer ({e})") from e
+        if not (isinstance(best, dict) and type(best.get("step")) is int
+                and type(best.get("metric")) in (int, float)):
+            raise CorruptCheckpointError(f"{path}: malformed best-checkpoint pointer {best!r}")
+        return best
 
     def save(self, state: Any, *, step: int, loop_state: Optional[Dict[str, Any]] = None,
              best_metric: Optional[float] = None) -> Optional[Path]:
@@ -233,6 +237,13 @@ class CheckpointManager:
         try:
             manifest = json.loads(manifest_path.read_text())
             files, leaves = manifest["files"], manifest["leaves"]
+            # A manifest that parses but has the wrong layout is as unusable as a missing one.
+            if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+                    and isinstance(leaves, list)):
+                raise TypeError("'files' must map names to digests and 'leaves' be a list")
+            saved = [(d["path"], tuple(d["shape"]), d["dtype"]) for d in leaves]
+            if not isinstance(manifest.get("loop_state", {}), dict):
+                raise TypeError("'loop_state' must be a mapping")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(
                 f"{manifest_path}: missing or unreadable manifest ({e})") from e
@@ -246,7 +257,6 @@ class CheckpointManager:
                 raise CorruptCheckpointError(
                     f"{path}: file {name} is truncated or altered (SHA-256 mismatch)")
         paths, arrays = _flatten(template)
-        saved = [(d["path"], tuple(d["shape"]), d["dtype"]) for d in leaves]
         wanted = [(p, a.shape, a.dtype.name) for p, a in zip(paths, arrays)]
         if saved != wanted:
             diff = next(((s, w) for s, w in zip(saved, wanted) if s != w),
