@@ -22,6 +22,7 @@ Usage::
     model = segnn_jax.load_artifact("model.segnn")      # TrainedModel
     outputs = model.apply(graph)                        # the task's forward on raw graphs
     values = model.predict_graphs(graphs)               # in the task's units, padding handled
+    data = model.export_inference(padded_graph)         # optional: a jax.export module (bytes)
 
 Parameters are stored bit for bit (float32 stays float32), so the loaded model's predictions are
 identical to those of the run it was exported from.
@@ -227,6 +228,32 @@ class TrainedModel:
             return [outputs[g] for g in range(len(n_node))]
         bounds = np.concatenate([[0], np.cumsum(n_node)])
         return [outputs[bounds[g]:bounds[g + 1]] for g in range(len(n_node))]
+
+    def export_inference(self, example_graph: Any, *,
+                         platforms: Optional[Sequence[str]] = None) -> bytes:
+        """The forward with these parameters, serialised with ``jax.export`` (StableHLO; the
+        parameters are constants of the module), for batches shaped like ``example_graph``.
+
+        Running it needs JAX only, not this library nor Haiku::
+
+            forward = jax.export.deserialize(data)
+            outputs = forward.call(*jax.tree.leaves(graph))   # graph padded to the same shapes
+
+        Args:
+            example_graph: a (padded) batch of the shapes and dtypes to serve.
+            platforms: e.g. ``("cpu", "cuda")``; default the current backend.
+        """
+        import jax
+
+        leaves, treedef = jax.tree.flatten(example_graph)
+        model, params, state = self.transformed, self.params, self.model_state
+
+        def forward(*graph_leaves):
+            graph = jax.tree.unflatten(treedef, graph_leaves)
+            return model.apply(params, state, None, graph, False)[0]
+
+        specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves]
+        return bytes(jax.export.export(jax.jit(forward), platforms=platforms)(*specs).serialize())
 
     def save(self, path: PathLike) -> Path:
         """Writes this model as an artifact (:func:`save_artifact`)."""

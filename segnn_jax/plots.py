@@ -125,7 +125,8 @@ def message_statistics(molecules, cutoffs: Sequence[float], *,
     Returns:
         Lists of K values: ``mean_messages_per_atom`` and ``std_messages_per_atom`` (over all
         atoms), ``mean_messages_per_molecule``, ``fraction_disconnected`` (molecules whose graph
-        is not connected), ``fraction_with_isolated_atom``; and ``cutoffs``, ``n_molecules``,
+        is not connected), ``fraction_with_isolated_atom``; ``all_connected_above``, the
+        cutoff above which every molecule is connected; and ``cutoffs``, ``n_molecules``,
         ``n_atoms``.
     """
     cutoffs = np.asarray(cutoffs, np.float64)
@@ -158,6 +159,8 @@ def message_statistics(molecules, cutoffs: Sequence[float], *,
         "std_messages_per_atom": std.tolist(),
         "mean_messages_per_molecule": (degree_sum / n_molecules).tolist(),
         "fraction_disconnected": [float(np.mean(spanning >= c**2)) for c in cutoffs],
+        # Every molecule's graph is connected for cutoffs above this, any grid aside.
+        "all_connected_above": float(np.sqrt(spanning.max())),
         "fraction_with_isolated_atom": [float(np.mean(farthest_nearest >= c**2))
                                         for c in cutoffs],
     }

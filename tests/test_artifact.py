@@ -160,3 +160,14 @@ def test_truncated_and_foreign_files_are_refused(exported, tmp_path, capsys):
 
     assert cli.main(["export", str(tmp_path / "no_run"), str(tmp_path / "x.segnn")]) == 1
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_jax_export_runs_the_same_forward_without_the_library(exported):
+    pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
+    model = artifact.load_artifact(exported)
+    example = inference.example_graph("nbody", model.config)
+    forward = jax.export.deserialize(bytearray(model.export_inference(example)))
+    np.testing.assert_allclose(np.asarray(forward.call(*jax.tree.leaves(example))),
+                               model.apply(example), rtol=1e-6, atol=1e-6)
+    with pytest.raises((TypeError, ValueError)):  # other shapes are refused, not silently padded
+        forward.call(*jax.tree.leaves(segnn_jax.unpad_graph(example)))

@@ -67,6 +67,10 @@ def test_message_statistics_match_brute_force():
             np.sum(degrees) / len(molecules))
         assert stats["fraction_disconnected"][k] == pytest.approx(np.mean(disconnected))
         assert stats["fraction_with_isolated_atom"][k] == pytest.approx(np.mean(isolated))
+    largest = max(plots.minimum_connecting_cutoff(
+        np.linalg.norm(pos[:, None] - pos[None], axis=-1)[None])[0]
+        for pos in (molecules.molecule(m)[1] for m in range(len(molecules))))
+    assert stats["all_connected_above"] == pytest.approx(largest)
     # Not a trivial data set: some cutoffs leave some molecules disconnected, others none.
     assert 0 < stats["fraction_disconnected"][2] < 1 and stats["fraction_disconnected"][-1] == 0
 
