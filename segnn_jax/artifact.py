@@ -51,6 +51,7 @@ __all__ = [
     "TrainedModel",
     "export_run",
     "load_artifact",
+    "load_trained",
     "save_artifact",
 ]
 
@@ -398,6 +399,27 @@ def load_artifact(path: PathLike) -> TrainedModel:
     return TrainedModel(task, config, _unflatten_tree(trees["params"]),
                         _unflatten_tree(trees["model_state"]),
                         side_files=description.get("side_files"), info=info)
+
+
+def load_trained(source: Union[PathLike, TrainedModel], *,
+                 task: Optional[str] = None) -> TrainedModel:
+    """A trained model from a run directory (its best checkpoint), an artifact file, or a
+    :class:`TrainedModel` (returned as is): what the tasks' ``predict`` accept.
+
+    Raises:
+        ArtifactError: the model is not of ``task``; see also :func:`load_artifact` and
+            :meth:`TrainedModel.from_run`.
+    """
+    if isinstance(source, TrainedModel):
+        model = source
+    elif Path(source).is_file():
+        model = load_artifact(source)
+    else:
+        model = TrainedModel.from_run(source)
+    if task is not None and model.task != task:
+        where = model.info.get("artifact") or model.info.get("run_dir") or "the given model"
+        raise ArtifactError(f"{where}: a model of the {model.task} task, not of {task}")
+    return model
 
 
 def export_run(run_dir: PathLike, path: PathLike) -> Path:

@@ -10,6 +10,7 @@ Usage::
     segnn predict runs/paper systems.npz -o out.npz   # N-body: positions/velocities/charges
     segnn predict runs/qm9_alpha molecules.xyz        # QM9: xyz or ASE-readable files -> CSV
     segnn export runs/paper paper.segnn               # best checkpoint as one portable file
+    segnn predict paper.segnn systems.npz             # predict from the artifact alone
 
 Overrides are ``--config.a.b=value`` (or ``--config.a.b value``). Each is parsed with the type of
 the option's default (int, float, bool as true/false, str, tuples as ``0.8,0.9`` or ``(0.8, 0.9)``;
@@ -204,9 +205,22 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+# Tasks whose predict accepts an artifact (a file) as well as a run directory.
+_PREDICT_FROM_ARTIFACT = ("nbody", "qm9")
+
+
 def _cmd_predict(args) -> int:
-    run_dir = Path(args.run_dir)
-    path = _task_of_run(run_dir).predict(run_dir, args.input, args.output)
+    source = Path(args.run_dir)
+    if source.is_file():
+        from segnn_jax.artifact import ArtifactError, load_artifact
+
+        model = load_artifact(source)
+        if model.task not in _PREDICT_FROM_ARTIFACT:
+            raise ArtifactError(f"{source}: predicting from an artifact is not supported for the "
+                                f"{model.task} task yet; use its run directory")
+        path = model.task_module.predict(model, args.input, args.output)
+    else:
+        path = _task_of_run(source).predict(source, args.input, args.output)
     print(f"predictions written to {path}")
     return 0
 
@@ -239,12 +253,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     predict = sub.add_parser(
-        "predict", help="predict on new inputs with a run's best checkpoint",
-        description="The input depends on the run's task. N-body: an .npz with positions and "
-                    "velocities [S, N, 3] (or [N, 3]) and charges [S, N] (charged) or optional "
-                    "masses [S, N] (gravity); output an .npz with the predicted positions. QM9: "
-                    "an xyz or ASE-readable structure file (every frame a molecule); output a "
-                    "CSV (or JSON with -o name.json) of the predicted property.")
+        "predict", help="predict on new inputs with a run's best checkpoint or an artifact",
+        description="RUN_DIR is a run directory or, for N-body and QM9, an artifact written by "
+                    "segnn export. The input depends on the run's task. N-body: an .npz with "
+                    "positions and velocities [S, N, 3] (or [N, 3]) and charges [S, N] "
+                    "(charged) or optional masses [S, N] (gravity); output an .npz with the "
+                    "predicted positions. QM9: an xyz or ASE-readable structure file (every "
+                    "frame a molecule); output a CSV (or JSON with -o name.json) of the "
+                    "predicted property.")
     predict.add_argument("run_dir")
     predict.add_argument("input")
     predict.add_argument("-o", "--output", default=None,

@@ -49,6 +49,12 @@ def exported(run_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The exported model, loaded once (its jitted forward compiles once per shape)."""
+    return segnn_jax.load_artifact(exported)
+
+
 def _members(path):
     with zipfile.ZipFile(path) as archive:
         return {name: archive.read(name) for name in archive.namelist()}
@@ -63,14 +69,14 @@ def _rewrite(path, out, **replacements):
     return out
 
 
-def test_loaded_model_predicts_bit_identically_to_the_run(run_dir, exported):
+def test_loaded_model_predicts_bit_identically_to_the_run(run_dir, loaded):
     cfg = nbody.validate_config(json.loads((run_dir / "config.json").read_text()))
     example = inference.example_graph("nbody", cfg)
     params, model_state, step = nbody.restore_params(cfg, run_dir, example)  # the task's path
     expected = np.asarray(jax.jit(lambda g: nbody.make_model(cfg).apply(
         params, model_state, None, g, False)[0])(example))
 
-    model = segnn_jax.load_artifact(exported)
+    model = loaded
     assert model.task == "nbody" and model.info["checkpoint_step"] == step == 7
     assert model.info["artifact_library_version"] == segnn_jax.__version__
     assert jax.tree.structure(model.params) == jax.tree.structure(params)
@@ -162,12 +168,27 @@ def test_truncated_and_foreign_files_are_refused(exported, tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
-def test_jax_export_runs_the_same_forward_without_the_library(exported):
+def test_jax_export_runs_the_same_forward_without_the_library(loaded):
     pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
-    model = artifact.load_artifact(exported)
+    model = loaded
     example = inference.example_graph("nbody", model.config)
     forward = jax.export.deserialize(bytearray(model.export_inference(example)))
     np.testing.assert_allclose(np.asarray(forward.call(*jax.tree.leaves(example))),
                                model.apply(example), rtol=1e-6, atol=1e-6)
     with pytest.raises((TypeError, ValueError)):  # other shapes are refused, not silently padded
         forward.call(*jax.tree.leaves(segnn_jax.unpad_graph(example)))
+
+
+def test_predict_from_the_artifact_equals_predict_from_the_run(run_dir, exported, tmp_path,
+                                                              capsys):
+    rng = np.random.default_rng(5)
+    systems = tmp_path / "systems.npz"
+    np.savez(systems, positions=rng.normal(size=(3, 5, 3)), velocities=rng.normal(size=(3, 5, 3)),
+             charges=rng.choice([-1.0, 1.0], size=(3, 5)))
+    assert cli.main(["predict", str(run_dir), str(systems), "-o", str(tmp_path / "a.npz")]) == 0
+    assert cli.main(["predict", str(exported), str(systems), "-o", str(tmp_path / "b.npz")]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a["positions"].shape == (3, 5, 3)
+        np.testing.assert_array_equal(a["positions"], b["positions"])
+    with pytest.raises(artifact.ArtifactError, match="a model of the nbody task, not of qm9"):
+        qm9.predict(exported, tmp_path / "molecule.xyz")

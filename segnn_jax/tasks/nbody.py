@@ -491,7 +491,8 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
     ``positions`` ``[S, N, 3]``, the predicted positions at the target frame.
 
     Args:
-        run_dir: a trained run directory.
+        run_dir: a trained run directory, an artifact of one (``segnn export``), or a loaded
+            :class:`segnn_jax.artifact.TrainedModel`.
         input_path: the input file.
         output_path: where to write; default ``<input stem>_predicted.npz`` next to the input.
 
@@ -501,8 +502,11 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
     Raises:
         NBodyInputError: a missing array, inconsistent shapes or non-finite values.
     """
+    from segnn_jax.artifact import load_trained
+
     input_path = Path(input_path)
-    cfg = _read_run_config(Path(run_dir))
+    trained = load_trained(run_dir, task="nbody")
+    cfg = trained.config
     dataset = cfg["data"]["dataset"]
     arrays = _read_input(input_path, dataset)
     s, n = arrays["positions"].shape[:2]
@@ -513,14 +517,11 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
     graphs = _graphs(cfg, data)
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
     loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size))
-    model = make_model(cfg)
-    params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
-    apply = jax.jit(lambda p, st, g: model.apply(p, st, None, g, False)[0])
     # The loader keeps the data order when not shuffling, so the real nodes of the batches,
     # concatenated, are the input's nodes in order.
     rows = []
     for batch in loader.epoch_batches(0):
-        predicted = np.asarray(apply(params, model_state, batch))
+        predicted = trained.apply(batch)
         rows.append(predicted[np.asarray(node_mask(batch, predicted.shape[0]))])
     positions = np.concatenate(rows).reshape(s, n, 3)
     output_path = Path(output_path) if output_path is not None else \

@@ -575,7 +575,8 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     """Predicts a run's target for molecules in xyz or ASE-readable files (best checkpoint).
 
     Args:
-        run_dir: a trained run directory.
+        run_dir: a trained run directory, an artifact of one (``segnn export``), or a loaded
+            :class:`segnn_jax.artifact.TrainedModel`.
         input_path: a structure file (every frame is a molecule), or a list of files.
         output_path: where to write: ``.json`` for JSON, anything else CSV; default
             ``<first input stem>_<target>.csv`` next to the first input.
@@ -590,8 +591,11 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     """
     from ase import Atoms
 
+    from segnn_jax.artifact import load_trained
+
     paths = [input_path] if isinstance(input_path, (str, Path)) else list(input_path)
-    cfg, stats = _read_run(Path(run_dir))
+    trained = load_trained(run_dir, task="qm9")
+    cfg, stats = trained.config, Standardisation(**trained.side_files[_STATS_FILE])
     names, molecules = read_structures(paths)
     # Targets are unknown: zero placeholders (the graphs carry the field the batches need).
     graphs = [g._replace(globals={"targets": np.zeros((1, 1), np.float32)})
@@ -599,13 +603,10 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
     loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size),
                          buckets=cfg["batch"]["buckets"])
-    model = make_model(cfg)
-    params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
-    apply = jax.jit(lambda p, st, g: model.apply(p, st, None, g, False)[0])
     # Without shuffling the loader keeps the input order; the real graphs of the batches,
     # concatenated, are the molecules in order.
     standardised = np.concatenate([
-        np.asarray(apply(params, model_state, batch))[np.asarray(graph_mask(batch))]
+        trained.apply(batch)[np.asarray(graph_mask(batch))]
         for batch in loader.epoch_batches(0)]).astype(np.float64)
     values = standardised * stats.mad + stats.mean
     if stats.atom_reference:
@@ -621,7 +622,8 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     output_path = Path(output_path) if output_path is not None else \
         first.with_name(f"{first.stem}_{stats.target}.csv")
     return write_predictions(rows, output_path, target=stats.target, unit=stats.unit,
-                             run_dir=str(run_dir))
+                             run_dir=str(trained.info.get("artifact")
+                                         or trained.info.get("run_dir")))
 
 
 def write_predictions(rows: Sequence[Mapping[str, Any]], path: Union[str, Path], *, target: str,
