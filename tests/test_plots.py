@@ -3,6 +3,7 @@ glyph's rotation, learning curves and parity data of a run; plotting only as smo
 
 import json
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -172,3 +173,37 @@ def test_plots_write_files_and_missing_matplotlib_is_explained(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(plots.MissingMatplotlibError, match="pip install"):
         plots.plot_message_statistics(stats, tmp_path / "n.png")
+
+
+def test_qm9_run_parity_data_is_in_the_target_unit(tmp_path):
+    csv_fixture = (Path(__file__).parents[1] / ".." / "shared" / "data" / "qm9"
+                   / "qm9pack_part1_first1000.csv")
+    if not csv_fixture.is_file():
+        pytest.skip(f"QM9 CSV fixture absent: {csv_fixture}")
+    from segnn_jax.tasks import qm9
+
+    cfg = qm9.validate_config(load_config("test_qm9"))
+    cfg["data"].update(source=str(csv_fixture.resolve()), data_dir=str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    stats = {"target": "alpha", "unit": "a0^3", "mean": 70.0, "mad": 5.0, "atom_reference": False}
+    (run_dir / "qm9_standardisation.json").write_text(json.dumps(stats))
+    optimizer, _ = make_optimizer(cfg["train"]["optimizer"], total_steps=1, steps_per_epoch=1)
+    example = inference.example_graph("qm9", cfg)
+    shapes = jax.eval_shape(lambda: init_train_state(qm9.make_model(cfg).init, optimizer,
+                                                     jax.random.PRNGKey(0), example))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype)
+                         if np.issubdtype(s.dtype, np.floating) else np.zeros(s.shape, s.dtype),
+                         shapes)
+    CheckpointManager(run_dir / "checkpoints").save(state, step=2, best_metric=1.0)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "eval", "split": "val",
+                                                       "step": 2, "mae": 3.0}) + "\n")
+    data = plots.run_figure_data(run_dir, "test")
+    assert data["task"] == "qm9" and data["unit"] == "a0^3" and data["quantity"] == "alpha"
+    assert data["predicted"].shape == data["target"].shape == (8,) and "inputs" not in data
+    test = qm9.load_splits(cfg, ("test",))["test"]
+    # Targets went through float32 standardisation and back: equal to float32 precision.
+    np.testing.assert_allclose(data["target"], test.property("alpha"), rtol=1e-6)
+    assert data["learning_curves"]["curves"]["val"] == {"step": [2], "mae": [3.0]}
