@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import re
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -309,29 +310,34 @@ def save_artifact(model: TrainedModel, path: PathLike) -> Path:
     return path
 
 
+# What zipfile and its decompressors raise for a damaged archive: bad structure or CRC-32
+# (BadZipFile), damaged compressed data (zlib.error, EOFError), offsets before the start of the
+# file (OSError), garbage in the directory (ValueError, struct.error, UnicodeDecodeError), flags of
+# features it lacks (NotImplementedError, RuntimeError for "encrypted").
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, struct.error,
+               NotImplementedError, RuntimeError)
+
+
 def _read_members(path: Path) -> Tuple[Dict[str, Any], bytes, bytes]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such artifact file")
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-            missing = [n for n in (_HEADER, _MODEL, _ARRAYS) if n not in names]
-            if missing:
-                raise ArtifactError(f"{path}: not a segnn artifact (missing {', '.join(missing)})")
-            header_bytes, model_bytes, arrays_bytes = (archive.read(n)
-                                                       for n in (_HEADER, _MODEL, _ARRAYS))
-    except zipfile.BadZipFile as e:  # also zipfile's CRC-32 check of damaged member data
+            members = {n: archive.read(n) for n in (_HEADER, _MODEL, _ARRAYS) if n in names}
+    except _ZIP_ERRORS as e:
         raise ArtifactError(f"{path}: not a segnn artifact, or truncated or corrupt "
-                            f"(unreadable zip archive: {e})") from e
-    except (zlib.error, EOFError) as e:  # damaged compressed data
-        raise ArtifactError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+                            f"(unreadable zip archive: {type(e).__name__}: {e})") from e
+    missing = [n for n in (_HEADER, _MODEL, _ARRAYS) if n not in members]
+    if missing:
+        raise ArtifactError(f"{path}: not a segnn artifact (missing {', '.join(missing)})")
     try:
-        header = json.loads(header_bytes)
+        header = json.loads(members[_HEADER])
     except ValueError as e:
         raise ArtifactError(f"{path}: unreadable header {_HEADER} ({e})") from e
     if not isinstance(header, dict):
         raise ArtifactError(f"{path}: unreadable header {_HEADER} (not a JSON object)")
-    return header, model_bytes, arrays_bytes
+    return header, members[_MODEL], members[_ARRAYS]
 
 
 def _check_header(path: Path, header: Mapping[str, Any]) -> None:
@@ -366,7 +372,9 @@ def load_artifact(path: PathLike) -> TrainedModel:
     path = Path(path)
     header, model_bytes, arrays_bytes = _read_members(path)
     _check_header(path, header)
-    digests = header.get("sha256") or {}
+    digests = header.get("sha256")
+    if not isinstance(digests, dict):
+        raise ArtifactError(f"{path}: the header has no checksums")
     for name, data in ((_MODEL, model_bytes), (_ARRAYS, arrays_bytes)):
         if digests.get(name) != _sha256(data):
             raise ArtifactError(f"{path}: {name} does not match its SHA-256 checksum in the "
@@ -383,21 +391,28 @@ def load_artifact(path: PathLike) -> TrainedModel:
     except (ValueError, OSError, EOFError) as e:
         raise ArtifactError(f"{path}: unreadable {_ARRAYS} ({e})") from e
     trees: Dict[str, list] = {name: [] for name in _TREES}
-    for entry in entries:
-        array = arrays.get(entry.get("name"))
-        where = f"{entry.get('tree')}/{'/'.join(entry.get('path', []))}"
-        if array is None or entry.get("tree") not in trees:
-            raise ArtifactError(f"{path}: array {where} is missing from {_ARRAYS}")
-        if list(array.shape) != entry["shape"] or array.dtype.name != entry["dtype"]:
-            raise ArtifactError(f"{path}: array {where} has shape {array.shape} and dtype "
-                                f"{array.dtype}, described as {entry['shape']} {entry['dtype']}")
-        trees[entry["tree"]].append((entry["path"], array))
+    try:
+        for entry in entries:
+            array = arrays.get(entry["name"])
+            where = f"{entry['tree']}/{'/'.join(entry['path'])}"
+            if array is None or entry["tree"] not in trees:
+                raise ArtifactError(f"{path}: array {where} is missing from {_ARRAYS}")
+            if list(array.shape) != entry["shape"] or array.dtype.name != entry["dtype"]:
+                raise ArtifactError(f"{path}: array {where} has shape {array.shape} and dtype "
+                                    f"{array.dtype}, described as {entry['shape']} "
+                                    f"{entry['dtype']}")
+            trees[entry["tree"]].append((list(entry["path"]), array))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: malformed array list in {_MODEL} ({e!r})") from e
     info = dict(description.get("source") or {}, artifact=str(path),
                 checksum=_sha256((digests[_MODEL] + digests[_ARRAYS]).encode()),
                 artifact_library_version=header.get("library_version"),
                 created=header.get("created"))
-    return TrainedModel(task, config, _unflatten_tree(trees["params"]),
-                        _unflatten_tree(trees["model_state"]),
+    try:
+        params, model_state = (_unflatten_tree(trees[name]) for name in _TREES)
+    except (IndexError, AttributeError, TypeError) as e:  # empty or clashing key paths
+        raise ArtifactError(f"{path}: malformed parameter key paths in {_MODEL} ({e!r})") from e
+    return TrainedModel(task, config, params, model_state,
                         side_files=description.get("side_files"), info=info)
 
 

@@ -29,15 +29,6 @@ def _artifact_bytes() -> bytes:
         return path.read_bytes()
 
 
-# Known bug, reported to the owner of segnn_jax/artifact.py (not fixed here: the module is being
-# edited in parallel): zipfile raises OSError(EINVAL) when a damaged archive makes it seek before
-# the start of the file, and _read_members does not turn that into an ArtifactError. Only that
-# exception is tolerated; any other failure still fails these tests.
-_KNOWN_OSERROR = pytest.mark.xfail(raises=OSError, strict=False,
-                                   reason="artifact._read_members lets zipfile's OSError through")
-
-
-@_KNOWN_OSERROR
 @budget(1.0)
 @given(data=st.data())
 def test_artifact_damaged_is_refused_or_identical(tmp_path_factory, data):
@@ -53,8 +44,6 @@ def test_artifact_damaged_is_refused_or_identical(tmp_path_factory, data):
                  (ArtifactError, FileNotFoundError), [str(path)], validate)
 
 
-@pytest.mark.xfail(raises=OSError, strict=True,
-                   reason="artifact._read_members lets zipfile's OSError through")
 def test_artifact_missing_first_byte_is_an_artifact_error(tmp_path):
     path = tmp_path / "model.segnn"
     path.write_bytes(_artifact_bytes()[1:])
