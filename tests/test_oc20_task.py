@@ -169,6 +169,35 @@ def test_composition_baseline_recovers_additive_energies():
     np.testing.assert_allclose(means, [np.mean([s.energy for s in systems])])
 
 
+def test_composition_reference_standardisation():
+    """Per-element reference energies: fitted on training, subtracted before standardising, added
+    back by the reference; an element never seen in training contributes 0."""
+    base = _slab_system()
+    element_energy = {29: -0.3, 8: -1.1, 1: 0.4}
+    rng = np.random.RandomState(3)
+    systems = []
+    for k in range(30):
+        numbers = np.array([29] * (8 + k % 5) + [8] * (1 + k % 2) + [1] * (k % 3))
+        site_term = rng.normal(scale=0.01)  # what the network would have to learn
+        energy = sum(element_energy[int(z)] for z in numbers) + 0.2 + site_term
+        systems.append(base._replace(atomic_numbers=numbers, energy=energy))
+    stats = oc20.standardise(systems, "EMT", reference="composition", ridge_alpha=1e-8)
+    assert stats.elements == (1, 8, 29)
+    np.testing.assert_allclose(stats.element_energies, [0.4, -1.1, -0.3], atol=0.02)
+    z = np.array([oc20.standardised_target(s, stats) for s in systems])
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1.0) < 1e-9
+    assert stats.std < 0.05  # the residual, not the spread of the totals
+    restored = [stats.reference(s) + stats.mean + stats.std * t for s, t in zip(systems, z)]
+    np.testing.assert_allclose(restored, [s.energy for s in systems], atol=1e-10)
+    sulfur = base._replace(atomic_numbers=np.array([29, 16]))
+    assert stats.reference(sulfur) == pytest.approx(stats.element_energies[2])
+    plain = oc20.standardise(systems, "EMT")
+    assert plain.element_energies == () and plain.reference(systems[0]) == 0.0
+    assert plain.std == pytest.approx(np.std([s.energy for s in systems]))
+    with pytest.raises(ValueError, match="reference must be one of"):
+        oc20.standardise(systems, "EMT", reference="atomref")
+
+
 def test_energy_error_sums_exact():
     error = jnp.array([0.01, -0.019, 0.5, -0.03, 123.0])
     mask = jnp.array([True, True, True, True, False])
@@ -185,6 +214,8 @@ def test_bad_options_fail_naming_the_option():
         oc20.validate_config(_config(spilt="id"))
     with pytest.raises(ConfigError, match=r"config\.data\.split"):
         oc20.validate_config(_config(split="ood_both"))
+    with pytest.raises(ConfigError, match=r"config\.data\.energy_reference"):
+        oc20.validate_config(_config(energy_reference="atomref"))
     with pytest.raises(ConfigError, match=r"config\.data\.cutoff"):
         oc20.validate_config(_config(cutoff=-1.0))
     config = _config()
@@ -207,8 +238,12 @@ def emt_dir(tmp_path_factory):
 def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
     assert get_task("oc20") is oc20
     run_dir = tmp_path / "run"
-    results = oc20.train(_config(path=str(emt_dir)), run_dir, command="test")
+    # With the composition reference: evaluate and predict must add the same reference back.
+    results = oc20.train(_config(path=str(emt_dir), energy_reference="composition"), run_dir,
+                         command="test")
     assert results["level_of_theory"] == "EMT"
+    assert len(results["standardisation"]["element_energies"]) == len(
+        results["standardisation"]["elements"])
     assert results["n_train"] + results["n_valid"] + results["n_test"] == 12
     for split in ("valid", "test"):
         assert 0 <= results[split]["ewt"] <= 1 and np.isfinite(results[split]["mae_ev"])

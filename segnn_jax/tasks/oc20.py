@@ -14,7 +14,11 @@ Pipeline (SEGNN.md sections 2.7 and 3, the author's OC20 fork):
 * a graph-level SEGNN (6 layers, no norm, mean pool) with output ``1x0e`` per system.
 
 The target ``y_relaxed`` (eV) is standardised with the TRAINING mean and standard deviation; the
-loss is the L1 error of the standardised value. Evaluation returns sums over the whole split:
+loss is the L1 error of the standardised value. Optionally (``data.energy_reference=
+"composition"``; default ``"none"``, the author's recipe) a per-element reference energy is
+subtracted first, ``y - sum_z n_z e_z``, with ``e_z`` fitted by ridge regression of the training
+energies on the element counts (the "atomref" of SchNet-style models, a function of the structure
+only); the network then learns the residual and predictions add the reference back. Evaluation returns sums over the whole split:
 ``mae`` (eV) and ``ewt``, OC20's "energy within threshold", the fraction of systems with
 ``|error| < 0.02 eV``.
 
@@ -116,6 +120,7 @@ __all__ = [
     "run_is2re",
     "split_systems",
     "standardise",
+    "standardised_target",
     "system_graph",
     "train",
     "validate_config",
@@ -145,6 +150,9 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "n_test": None,
     "cv_folds": 5,
     "cv_seed": 0,
+    # "none" (the author's recipe) or "composition": subtract per-element reference energies
+    # fitted on the training split (see the module docstring).
+    "energy_reference": "none",
 }
 
 BATCH_DEFAULTS: Dict[str, Any] = {
@@ -171,6 +179,7 @@ MODEL_DEFAULTS: Dict[str, Any] = dict(
 SPLITS = ("train", "valid", "test")
 _DATASETS = ("is2re", "xu_kitchin")
 _SPLIT_CHOICES = ("id", "ood_ads", "ood_cat")
+_REFERENCE_CHOICES = ("none", "composition")
 _SPLIT_LIMIT = {"train": "n_train", "valid": "n_valid", "test": "n_test"}
 _STATS_FILE = "oc20_standardisation.json"
 _XK_FILES = ("xu_kitchin_2014_structures.json", "xu_kitchin_2014_energies.json")
@@ -216,16 +225,30 @@ class System(NamedTuple):
 
 
 class Standardisation(NamedTuple):
-    """``z = (y - mean) / std`` of the target over the training systems (eV, float64)."""
+    """``z = (y - reference - mean) / std`` of the target over the training systems (eV, float64).
+
+    ``reference = sum_z n_z element_energies[z]`` over the atoms of the system, with
+    ``element_energies`` aligned with ``elements``; empty (no reference) by default. Elements not
+    in ``elements`` contribute 0.
+    """
 
     mean: float
     std: float
     elements: Tuple[int, ...]
     level_of_theory: str
+    element_energies: tuple[float, ...] = ()
+
+    def reference(self, system: System) -> float:
+        """The reference energy (eV) of ``system``; 0 without a reference."""
+        if not self.element_energies:
+            return 0.0
+        energy = dict(zip(self.elements, self.element_energies))
+        return float(sum(energy.get(int(z), 0.0) for z in system.atomic_numbers))
 
     def to_json(self) -> Dict[str, Any]:
         return {"mean": self.mean, "std": self.std, "elements": list(self.elements),
-                "level_of_theory": self.level_of_theory}
+                "level_of_theory": self.level_of_theory,
+                "element_energies": list(self.element_energies)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +293,9 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["split"] not in _SPLIT_CHOICES:
         raise ConfigError(f"config.data.split: expected one of {_SPLIT_CHOICES}, "
                           f"got {data['split']!r}")
+    if data["energy_reference"] not in _REFERENCE_CHOICES:
+        raise ConfigError(f"config.data.energy_reference: expected one of {_REFERENCE_CHOICES}, "
+                          f"got {data['energy_reference']!r}")
     for key in ("split_seed", "cv_seed"):
         positive_int(data, key, "config.data", optional=False, minimum=0)
     positive_int(data, "cv_folds", "config.data", optional=False, minimum=2)
@@ -704,21 +730,51 @@ def _baselines(cfg: Dict[str, Any], train: Sequence[System],
 # Loaders, training
 
 
-def standardise(train: Sequence[System], level_of_theory: str) -> Standardisation:
-    """Mean and standard deviation of the TRAINING energies, and the elements seen in training."""
+def standardise(train: Sequence[System], level_of_theory: str, reference: str = "none",
+                ridge_alpha: float = 1e-3) -> Standardisation:
+    """Mean and standard deviation of the TRAINING energies, and the elements seen in training.
+
+    Args:
+        train: the training systems.
+        level_of_theory: recorded with the statistics.
+        reference: ``"none"``, or ``"composition"``: first subtract per-element energies fitted
+            by ridge regression (``ridge_alpha``) of the training energies on the element counts;
+            mean and std are then those of the residuals.
+        ridge_alpha: the ridge penalty of the reference fit.
+    """
+    if reference not in _REFERENCE_CHOICES:
+        raise ValueError(f"reference must be one of {_REFERENCE_CHOICES}, got {reference!r}")
     energies = np.asarray([s.energy for s in train], np.float64)
+    elements = tuple(sorted({int(z) for s in train for z in s.atomic_numbers}))
+    element_energies: tuple[float, ...] = ()
+    if reference == "composition":
+        column = {z: k for k, z in enumerate(elements)}
+        counts = np.zeros((len(train), len(elements)))
+        for m, system in enumerate(train):
+            for z in system.atomic_numbers:
+                counts[m, column[int(z)]] += 1
+        # The intercept is left to the mean below, so that the reference is purely per element.
+        weights, _ = ridge_fit(counts, energies, ridge_alpha)
+        element_energies = tuple(float(w) for w in weights)
+        energies = energies - counts @ weights
     std = float(np.std(energies))
     if not std > 0:
         raise OC20DataError(f"the {len(train)} training energies are constant; cannot standardise")
-    elements = tuple(sorted({int(z) for s in train for z in s.atomic_numbers}))
-    return Standardisation(float(np.mean(energies)), std, elements, level_of_theory)
+    return Standardisation(float(np.mean(energies)), std, elements, level_of_theory,
+                           element_energies)
+
+
+def standardised_target(system: System, stats: Standardisation) -> float:
+    """``(y - reference - mean) / std`` of one system (0 when its energy is unknown)."""
+    if not np.isfinite(system.energy):
+        return 0.0
+    return (system.energy - stats.reference(system) - stats.mean) / stats.std
 
 
 def _graphs(cfg: Dict[str, Any], systems: Sequence[System],
             stats: Standardisation) -> List[jraph.GraphsTuple]:
     cutoff = float(cfg["data"]["cutoff"])
-    return [system_graph(s, cutoff, (s.energy - stats.mean) / stats.std if np.isfinite(s.energy)
-                         else 0.0) for s in systems]
+    return [system_graph(s, cutoff, standardised_target(s, stats)) for s in systems]
 
 
 def make_loaders(cfg: Dict[str, Any], splits: Mapping[str, Sequence[System]],
@@ -781,7 +837,8 @@ def run_is2re(config: Any, run_dir: Union[str, Path], *,
     start = time.perf_counter()
     systems, level = load_systems(_data_path(cfg))
     splits, split_info = split_systems(cfg, systems)
-    stats = standardise(splits["train"], level)
+    stats = standardise(splits["train"], level, cfg["data"]["energy_reference"],
+                        cfg["baseline"]["ridge_alpha"])
     print(f"OC20 IS2RE ({level}) from {cfg['data']['path']}: {len(splits['train'])} training, "
           f"{len(splits['valid'])} validation, {len(splits['test'])} test systems "
           f"(split {cfg['data']['split']}); training mean {stats.mean:.4f} eV, "
@@ -859,7 +916,8 @@ def cross_validate(config: Any, run_dir: Union[str, Path], *,
                   "valid": [systems[i] for i in inner[:n_valid]],
                   "test": [systems[i] for i in test_index]}
         fold_sizes.append(len(test_index))
-        stats = standardise(splits["train"], level)
+        stats = standardise(splits["train"], level, cfg["data"]["energy_reference"],
+                            cfg["baseline"]["ridge_alpha"])
         result, _ = _fit(cfg, splits, stats, run_dir / f"fold_{k}")
         segnn = _segnn_metrics(result.best["test"])
         train_all = [systems[i] for i in rest]
@@ -938,7 +996,8 @@ def _read_run(run_dir: Path) -> Tuple[Dict[str, Any], Standardisation]:
                                 f"is missing")
     raw = json.loads(stats_path.read_text())
     return cfg, Standardisation(float(raw["mean"]), float(raw["std"]),
-                                tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]))
+                                tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]),
+                                tuple(float(e) for e in raw.get("element_energies", ())))
 
 
 def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jraph.GraphsTuple):
@@ -1049,7 +1108,8 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     standardised = np.concatenate([
         np.asarray(apply(params, model_state, batch))[np.asarray(graph_mask(batch))]
         for batch in loader.epoch_batches(0)]).astype(np.float64)
-    energies = standardised * stats.std + stats.mean
+    energies = standardised * stats.std + stats.mean + np.asarray(
+        [stats.reference(s) for s in systems])
     first = Path(paths[0])
     output_path = Path(output_path) if output_path is not None else \
         first.with_name(f"{first.stem}_adsorption_energy.csv")

@@ -1,0 +1,153 @@
+"""Collects the EMT IS2RE runs of the three splits into ``benchmarks/results/oc20_emt.json`` and
+one learning-curve figure (EMT stand-in, NOT DFT).
+
+Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<split>`` (see the
+``oc20_emt`` config docstring for the commands); then::
+
+    python experiments/oc20/collect_emt.py --runs RUNS --data /work/data/emt20k \
+        --out benchmarks/results/oc20_emt.json
+
+Per split the JSON holds SEGNN's test ``mae_ev`` / ``ewt`` at the best validation epoch, the
+baselines' test MAE and EwT (ridge on composition + adsorbate one-hot, per-adsorbate mean,
+training mean), the sample counts, held-out groups, ``command``, ``git_revision`` and wall time of
+the run. Splits whose run has no ``results.json`` yet are listed under ``missing``.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+SPLITS = ("id", "ood_ads", "ood_cat")
+LABELS = {"id": "in-distribution", "ood_ads": "held-out adsorbates (OOD-ads)",
+          "ood_cat": "held-out metals (OOD-cat)"}
+
+
+def _metrics(entry):
+    return None if entry is None else {"mae_ev": entry["mae_ev"], "ewt": entry["ewt"]}
+
+
+def split_summary(run_dir: Path) -> dict:
+    """The reported numbers of one run directory (its ``results.json``)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    baselines = results["baselines"]
+    return {
+        "description": LABELS[results["split"]],
+        "mae_ev": results["test"]["mae_ev"],
+        "ewt": results["test"]["ewt"],
+        "valid": _metrics(results["valid"]),
+        "baselines_test": {name: _metrics(baselines[name]["test"]) for name in baselines},
+        "baselines_valid": {name: _metrics(baselines[name]["valid"]) for name in baselines},
+        "ridge_mae_ev": baselines["composition_ridge"]["test"]["mae_ev"],
+        "adsorbate_mean_mae_ev": baselines["adsorbate_mean"]["test"]["mae_ev"],
+        "n_train": results["n_train"],
+        "n_valid": results["n_valid"],
+        "n_test": results["n_test"],
+        "held_out": results.get("groups"),
+        "best_epoch": results["best_epoch"],
+        "epochs": results["epochs"],
+        "num_parameters": results["num_parameters"],
+        "energy_reference": json.loads((run_dir / "config.json").read_text())["data"].get(
+            "energy_reference", "none"),
+        "standardisation": results["standardisation"],
+        "wall_time_s": results["wall_time_s"],
+        "command": results["command"],
+        "git_revision": results["git_revision"],
+        "run_dir": str(run_dir),
+    }
+
+
+def _curves(run_dir: Path):
+    """(epoch, validation MAE eV) and (epoch, training MAE eV, running mean over the log window)."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if line.strip()]
+    val = [(e["epoch"] + 1, e["mae"]) for e in events
+           if e.get("event") == "eval" and e.get("split") == "val"]
+    steps_per_epoch = max((e["step"] for e in events if e.get("event") == "train"), default=1) / \
+        max(1, max((e["epoch"] + 1 for e in events if e.get("event") == "train"), default=1))
+    train = [(e["step"] / steps_per_epoch, e["mae"]) for e in events if e.get("event") == "train"]
+    return val, train
+
+
+def plot(summaries: dict, runs: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.2 * len(summaries), 3.6), dpi=120,
+                             squeeze=False)
+    for ax, (split, summary) in zip(axes[0], summaries.items()):
+        val, train = _curves(runs / split)
+        if train:
+            ax.plot(*zip(*train), color="0.6", lw=0.8, label="SEGNN train (batch MAE)")
+        if val:
+            ax.plot(*zip(*val), "o-", ms=3, label="SEGNN validation")
+        ax.axhline(summary["baselines_valid"]["composition_ridge"]["mae_ev"], color="C3", ls="--",
+                   label="ridge comp.+ads. (validation)")
+        ax.axhline(summary["baselines_valid"]["adsorbate_mean"]["mae_ev"], color="C2", ls=":",
+                   label="per-adsorbate mean (validation)")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MAE (eV, EMT)")
+        ax.set_title(f"{summary['description']}\ntest: SEGNN {summary['mae_ev']:.3f}, "
+                     f"ridge {summary['ridge_mae_ev']:.3f} eV", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("OC20-style IS2RE on the EMT stand-in (EMT, not DFT)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def dataset_summary(data: Path) -> dict:
+    """Size and generation record of the EMT set (manifest, shard count, wall-clock rate)."""
+    manifest = json.loads((data / "emt_dataset.json").read_text())
+    shards = sorted(data.glob("shard_*.aselmdb"))
+    out = {"path": str(data), "manifest": manifest, "complete_shards": len(shards),
+           "samples_present": min(len(shards) * manifest["shard_size"], manifest["n_samples"])}
+    log = data / "generation_log.json"
+    if log.is_file():
+        out["generation"] = json.loads(log.read_text())
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True,
+                        help="folder with one run directory per split (id, ood_ads, ood_cat)")
+    parser.add_argument("--data", type=Path, required=True, help="the EMT data set folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oc20_emt.json"))
+    parser.add_argument("--note", default="")
+    args = parser.parse_args(argv)
+    summaries = {split: split_summary(args.runs / split) for split in SPLITS
+                 if (args.runs / split / "results.json").is_file()}
+    if not summaries:
+        print(f"no finished run under {args.runs}", file=sys.stderr)
+        return 1
+    figure = args.out.with_suffix(".png")
+    plot(summaries, args.runs, figure)
+    results = {
+        "task": "oc20_is2re_emt",
+        "level_of_theory": "EMT (ASE effective medium theory; NOT DFT)",
+        "target": "relaxed adsorption energy (eV) from the initial structure (IS2RE)",
+        "ewt_threshold_ev": 0.02,
+        "dataset": dataset_summary(args.data),
+        "splits": summaries,
+        "missing": [s for s in SPLITS if s not in summaries],
+        "figure": os.path.relpath(figure, args.out.parent),
+        "command": " ".join(["python", *sys.argv]),
+        "note": args.note,
+    }
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} and {figure}")
+    for split, s in summaries.items():
+        print(f"{split:8s} SEGNN MAE {s['mae_ev']:.4f} eV EwT {s['ewt']:.3f} | ridge "
+              f"{s['ridge_mae_ev']:.4f} | ads. mean {s['adsorbate_mean_mae_ev']:.4f} | "
+              f"n {s['n_train']}/{s['n_valid']}/{s['n_test']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
