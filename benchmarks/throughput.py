@@ -41,7 +41,7 @@ DTYPES = ("float32", "float64", "bfloat16")
 
 
 def build_ours(
-    arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0
+    arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
@@ -53,6 +53,7 @@ def build_ours(
         spec: the configuration's settings.
         dtype: of parameters and floating inputs; ``"float64"`` enables ``jax_enable_x64``.
         seed: of the parameter initialisation.
+        row_tile: rows per tile of every tensor product (None: one pass), see ``SEGNN``.
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -112,6 +113,7 @@ def build_ours(
             task=spec["task"],
             pool=spec["pool"],
             norm=spec["norm"],
+            row_tile=row_tile,
         )
         return network(st_graph, is_training).array
 

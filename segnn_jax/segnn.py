@@ -63,15 +63,15 @@ class SEGNNLayer(hk.Module):
     Args:
         hidden_irreps: irreps of the node features, the messages and the update.
         norm: None, ``"instance"`` (per graph) or ``"batch"``; both skip padding nodes.
-        weight_init: see :class:`segnn_jax.layers.O3TensorProduct`.
+        weight_init, row_tile: see :class:`segnn_jax.layers.O3TensorProduct`.
     """
 
     def __init__(self, hidden_irreps, *, norm: Optional[str] = None, weight_init: str = "reference",
-                 name: Optional[str] = None):
+                 row_tile: Optional[int] = None, name: Optional[str] = None):
         super().__init__(name=name)
         self.hidden_irreps = e3nn.Irreps(hidden_irreps).regroup()
         self.norm = _check_norm(norm)
-        self.weight_init = weight_init
+        self.tp_options = dict(weight_init=weight_init, row_tile=row_tile)
 
     def __call__(
         self,
@@ -88,18 +88,18 @@ class SEGNNLayer(hk.Module):
         message_inputs = [(features, ctx.receivers), (features, ctx.senders)]
         if extra is not None:
             message_inputs.append(extra)
-        messages = O3TensorProductGate(self.hidden_irreps, weight_init=self.weight_init,
-                                       name="message_1")(message_inputs, edge_attr)
-        messages = O3TensorProductGate(self.hidden_irreps, weight_init=self.weight_init,
-                                       name="message_2")(messages, edge_attr)
+        messages = O3TensorProductGate(self.hidden_irreps, name="message_1",
+                                       **self.tp_options)(message_inputs, edge_attr)
+        messages = O3TensorProductGate(self.hidden_irreps, name="message_2",
+                                       **self.tp_options)(messages, edge_attr)
         if self.norm == "batch":
             messages = BatchNorm(name="message_norm")(messages, ctx.edge_mask, is_training)
         messages = _weighted(messages, ctx)
         aggregated = e3nn.scatter_sum(messages, dst=ctx.receivers, output_size=ctx.n_nodes)
-        update = O3TensorProductGate(self.hidden_irreps, weight_init=self.weight_init,
-                                     name="update_1")([features, aggregated], node_attr)
-        update = O3TensorProduct(self.hidden_irreps, weight_init=self.weight_init,
-                                 name="update_2")(update, node_attr)
+        update = O3TensorProductGate(self.hidden_irreps, name="update_1",
+                                     **self.tp_options)([features, aggregated], node_attr)
+        update = O3TensorProduct(self.hidden_irreps, name="update_2",
+                                 **self.tp_options)(update, node_attr)
         features = features.regroup() + update
         if self.norm == "instance":
             features = InstanceNorm(name="norm")(features, ctx.graph_index, ctx.node_mask, ctx.n_graphs)
@@ -132,7 +132,8 @@ class _SteerableNetwork(hk.Module):
 
     def __init__(self, hidden_irreps, output_irreps, num_layers: int, *, task: str = "node",
                  pool: str = "avg", norm: Optional[str] = None, weight_init: str = "reference",
-                 scan_layers: bool = False, name: Optional[str] = None):
+                 scan_layers: bool = False, row_tile: Optional[int] = None,
+                 name: Optional[str] = None):
         super().__init__(name=name)
         if task not in ("node", "graph"):
             raise ValueError(f"task must be 'node' or 'graph', got {task!r}")
@@ -151,10 +152,11 @@ class _SteerableNetwork(hk.Module):
         self.norm = _check_norm(norm)
         self.weight_init = weight_init
         self.scan_layers = scan_layers
+        self.row_tile = row_tile
 
     def _layer_options(self) -> dict:
         """Constructor arguments of one message-passing layer (``layer_class`` is set by subclasses)."""
-        return dict(norm=self.norm, weight_init=self.weight_init)
+        return dict(norm=self.norm, weight_init=self.weight_init, row_tile=self.row_tile)
 
     def __call__(self, st_graph: SteerableGraphsTuple, is_training: bool = False) -> e3nn.IrrepsArray:
         """Runs the network.
@@ -169,9 +171,9 @@ class _SteerableNetwork(hk.Module):
         """
         ctx = _Context(st_graph.graph, st_graph.node_features.shape[0], st_graph.edge_weights)
         _check_shapes(st_graph, ctx)
-        wi = self.weight_init
+        tp_options = dict(weight_init=self.weight_init, row_tile=self.row_tile)
         node_attr, edge_attr = st_graph.node_attributes, st_graph.edge_attributes
-        features = O3TensorProduct(self.hidden_irreps, weight_init=wi, name="embedding")(
+        features = O3TensorProduct(self.hidden_irreps, **tp_options, name="embedding")(
             st_graph.node_features, node_attr)
         extra = st_graph.additional_message_features
         if self.scan_layers and self.num_layers > 0:
@@ -186,15 +188,15 @@ class _SteerableNetwork(hk.Module):
         for index in range(0 if self.scan_layers else self.num_layers):
             layer = self.layer_class(self.hidden_irreps, name=f"layer_{index}", **self._layer_options())
             features = layer(features, edge_attr, node_attr, extra, ctx, is_training)
-        features = O3TensorProductGate(self.hidden_irreps, weight_init=wi, name="pre_pool_1")(
+        features = O3TensorProductGate(self.hidden_irreps, **tp_options, name="pre_pool_1")(
             features, node_attr)
         if self.task == "node":
-            return O3TensorProduct(self.output_irreps, weight_init=wi, name="pre_pool_2")(features, node_attr)
+            return O3TensorProduct(self.output_irreps, **tp_options, name="pre_pool_2")(features, node_attr)
         scalars = e3nn.Irreps(f"{self.hidden_irreps.num_irreps}x0e")
-        features = O3TensorProduct(scalars, weight_init=wi, name="pre_pool_2")(features, node_attr)
+        features = O3TensorProduct(scalars, **tp_options, name="pre_pool_2")(features, node_attr)
         pooled = e3nn.IrrepsArray(scalars, pool_nodes(features.array, ctx, self.pool))
-        pooled = O3TensorProductGate(scalars, weight_init=wi, name="post_pool_1")(pooled)
-        return O3TensorProduct(self.output_irreps, weight_init=wi, name="post_pool_2")(pooled)
+        pooled = O3TensorProductGate(scalars, **tp_options, name="post_pool_1")(pooled)
+        return O3TensorProduct(self.output_irreps, **tp_options, name="post_pool_2")(pooled)
 
 
 def _check_shapes(st_graph: SteerableGraphsTuple, ctx: _Context) -> None:
@@ -235,6 +237,8 @@ class SEGNN(_SteerableNetwork):
         scan_layers: run the message-passing layers with ``hk.layer_stack`` (a scan over stacked
             parameters, see :func:`stack_layer_params`): the same function, compiled once instead
             of once per layer, so compilation time no longer grows with depth.
+        row_tile: every tensor product runs this many rows (edges, nodes) at a time (see
+            :class:`segnn_jax.layers.O3TensorProduct`); the function is the same.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs
@@ -260,17 +264,18 @@ class SEConvLayer(hk.Module):
     """
 
     def __init__(self, hidden_irreps, *, nonlinear: bool, norm: Optional[str] = None,
-                 weight_init: str = "reference", name: Optional[str] = None):
+                 weight_init: str = "reference", row_tile: Optional[int] = None,
+                 name: Optional[str] = None):
         super().__init__(name=name)
         self.hidden_irreps = e3nn.Irreps(hidden_irreps).regroup()
         self.nonlinear = nonlinear
         self.norm = _check_norm(norm)
-        self.weight_init = weight_init
+        self.tp_options = dict(weight_init=weight_init, row_tile=row_tile)
 
     def __call__(self, features, edge_attr, node_attr, extra, ctx: _Context, is_training=False):
         inputs = [(features, ctx.senders)] + ([extra] if extra is not None else [])
         layer = O3TensorProductGate if self.nonlinear else O3TensorProduct
-        messages = layer(self.hidden_irreps, weight_init=self.weight_init, name="message")(inputs, edge_attr)
+        messages = layer(self.hidden_irreps, name="message", **self.tp_options)(inputs, edge_attr)
         messages = _weighted(messages, ctx)
         features = features.regroup() + e3nn.scatter_sum(messages, dst=ctx.receivers,
                                                          output_size=ctx.n_nodes)
