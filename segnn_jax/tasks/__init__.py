@@ -29,6 +29,7 @@ TASKS: Dict[str, str] = {
     "nbody": "segnn_jax.tasks.nbody",
     "qm9": "segnn_jax.tasks.qm9",
     "oc20": "segnn_jax.tasks.oc20",
+    "potential": "segnn_jax.tasks.potential",
 }
 
 
