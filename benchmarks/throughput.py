@@ -141,7 +141,15 @@ def cast_batch(arrays: dict, dtype: str) -> dict:
     return out
 
 
-def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict) -> dict:
+def resolve_row_tile(option: str):
+    """The ``--row-tile`` option as the model config reads it ("auto": 256 on CPU, else one pass)."""
+    from segnn_jax.tasks import models
+
+    return models.resolve_row_tile(models.validate_model_config({"row_tile": option})["row_tile"])
+
+
+def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
+            row_tile: str = "auto") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
     record = {
@@ -150,8 +158,9 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "nodes": len(arrays["positions"]),
         "edges": len(arrays["senders"]),
         "graphs": len(arrays["n_node"]),
+        "row_tile": resolve_row_tile(row_tile),
     }
-    bench = build_ours(arrays, spec, dtype)
+    bench = build_ours(arrays, spec, dtype, row_tile=record["row_tile"])
     record["params"] = bench.n_params
     forward = bench.compile("forward")
     step = bench.compile("train_step")
@@ -182,14 +191,15 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
 
 def _child(args) -> None:
     record = measure(
-        args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul)
+        args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
+        args.row_tile,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
 
 def _serve(args) -> None:
     arrays, spec = inputs.load(Path(args.serve))
-    common.serve(build_ours(arrays, spec, args.dtype))
+    common.serve(build_ours(arrays, spec, args.dtype, row_tile=resolve_row_tile(args.row_tile)))
 
 
 def _print_record(name: str, r: dict) -> None:
@@ -230,6 +240,11 @@ def main(argv=None) -> dict:
         help="stop timing a function after this long (at least 3 calls)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument(
+        "--row-tile",
+        default="auto",
+        help="rows per tensor-product tile: auto (256 on CPU, none elsewhere), none, or an integer",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--update",
@@ -260,6 +275,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "max_seconds": args.max_seconds,
         "dtype": args.dtype,
+        "row_tile": args.row_tile,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -282,7 +298,8 @@ def main(argv=None) -> dict:
         try:
             if args.in_process:
                 record = measure(
-                    name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"]
+                    name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
+                    args.row_tile,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -300,6 +317,8 @@ def main(argv=None) -> dict:
                         str(args.max_seconds),
                         "--dtype",
                         args.dtype,
+                        "--row-tile",
+                        args.row_tile,
                         "--matmul",
                         json.dumps(result["matmul_float32"]),
                     ]
