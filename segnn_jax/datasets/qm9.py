@@ -1132,6 +1132,7 @@ def molecules_to_graphs(
     atom_offsets = molecules.offsets
     edge_offsets = np.concatenate([[0], np.cumsum(n_edge, dtype=np.int64)])
     positions = molecules.positions.astype(np.float32)
+    _check_float32_edges(molecules, positions, senders, receivers, n_edge)
     numbers = molecules.atomic_numbers.astype(np.int32)
     features = one_hot_elements(molecules.atomic_numbers)
     graphs = []
@@ -1148,6 +1149,38 @@ def molecules_to_graphs(
             )
         )
     return graphs
+
+
+#: Largest error (Angstrom) of an edge vector that the float32 cast of the positions may cause.
+FLOAT32_EDGE_TOLERANCE = 1e-3
+
+
+def _check_float32_edges(molecules: QM9Molecules, positions32: np.ndarray, senders: np.ndarray,
+                         receivers: np.ndarray, n_edge: np.ndarray) -> None:
+    """Refuses molecules so far from the origin that float32 positions distort their edges.
+
+    The model sees float32 positions; at |x| ~ 1e6 Angstrom their spacing is 0.06 Angstrom and at
+    1e12 whole molecules collapse onto one point, which would give silently wrong predictions.
+    """
+    if not len(senders):
+        return
+    molecule_of_edge = np.repeat(np.arange(len(molecules)), n_edge)
+    start = molecules.offsets[molecule_of_edge]
+    s, r = start + senders, start + receivers
+    exact = molecules.positions[s] - molecules.positions[r]
+    cast = positions32[s].astype(np.float64) - positions32[r]
+    error = np.abs(cast - exact).max(axis=1)
+    if error.max() > FLOAT32_EDGE_TOLERANCE:
+        from segnn_jax.graph import InvalidPositionsError
+
+        m = int(molecule_of_edge[int(np.argmax(error))])
+        atoms = molecules.molecule(m)[1]
+        raise InvalidPositionsError(
+            f"molecule {m} (QM9 index {int(molecules.index[m])}) lies {np.abs(atoms).max():.3g} "
+            f"Angstrom from the origin: in float32 its edge vectors are off by up to "
+            f"{error.max():.2g} Angstrom (tolerance {FLOAT32_EDGE_TOLERANCE}); centre the "
+            f"molecule's coordinates"
+        )
 
 
 def graph_statistics(molecules: QM9Molecules, cutoff: float = 2.0) -> Dict[str, float]:

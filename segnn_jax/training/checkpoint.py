@@ -124,6 +124,34 @@ class CheckpointManager:
         if self._is_writer:
             self.directory.mkdir(parents=True, exist_ok=True)
 
+    def check_writable(self, state: Any) -> None:
+        """Fails now, not after an epoch of training, if checkpoints of ``state`` cannot be written.
+
+        Writes and removes a probe file in the checkpoint directory, then compares the free space
+        with what the retained checkpoints need (``keep`` recent + the best + one being written).
+
+        Raises:
+            CheckpointError: the directory is not writable, or too little space is free.
+        """
+        if not self._is_writer:
+            return
+        probe = self.directory / ".segnn_write_probe"
+        try:
+            atomic_write_text(probe, "probe")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"{self.directory}: cannot write checkpoints here "
+                f"({e.strerror or type(e).__name__}: {e})") from e
+        nbytes = sum(a.nbytes for a in _flatten(state)[1])
+        needed = nbytes * (self.keep + 2)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointError(
+                f"{self.directory}: {free / 1e6:.1f} MB free, but the checkpoints of this "
+                f"{nbytes / 1e6:.1f} MB state need about {needed / 1e6:.1f} MB ({self.keep} recent, "
+                f"the best and one being written)")
+
     def _checkpointer(self):
         import orbax.checkpoint as ocp
 

@@ -50,7 +50,7 @@ from segnn_jax.training.run import (RunDirectory, count_parameters, plot_learnin
 from segnn_jax.training.step import (TrainState, init_train_state, make_eval_step, make_train_step,
                                      metrics_from_sums, shard_batch)
 
-__all__ = ["FitResult", "NonFiniteLossError", "evaluate", "fit"]
+__all__ = ["FitResult", "NonFiniteLossError", "RunDirectoryError", "evaluate", "fit"]
 
 _log = logging.getLogger(__name__)
 Callback = Callable[[str, Dict[str, Any]], None]
@@ -63,6 +63,11 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.epoch = epoch
+
+
+class RunDirectoryError(OSError):
+    """The run directory cannot be created or written (permissions, full disk, a file in the way);
+    raised before anything is compiled or trained."""
 
 
 @dataclasses.dataclass
@@ -243,8 +248,13 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     optimizer, schedule = make_optimizer(opt_cfg, total_steps=total_steps,
                                          steps_per_epoch=steps_per_epoch)
 
-    run = RunDirectory(run_dir, tensorboard=bool(cfg["tensorboard"]))
-    run.write_config(full_config if full_config is not None else {"train": cfg})
+    try:
+        run = RunDirectory(run_dir, tensorboard=bool(cfg["tensorboard"]))
+        run.write_config(full_config if full_config is not None else {"train": cfg})
+    except OSError as e:
+        raise RunDirectoryError(
+            f"cannot write the run directory {run_dir} ({e.strerror or type(e).__name__}: {e}); "
+            f"nothing was trained") from e
 
     def emit(event: str, record: Dict[str, Any]) -> None:
         run.log(event, **record)
@@ -258,6 +268,8 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     state = init_train_state(init_fn, optimizer, jax.random.PRNGKey(int(cfg["seed"])),
                              example, ema=ema)
     ckpt = CheckpointManager(run.checkpoint_dir, keep=int(cfg["keep_checkpoints"]))
+    # A full disk or a read-only directory must stop the run here, not at the first checkpoint.
+    ckpt.check_writable(state)
     start_epoch, start_batch, best = 0, 0, None
     restored = ckpt.restore_latest(state) if resume else None
     if restored is not None:
