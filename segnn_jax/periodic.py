@@ -98,7 +98,38 @@ def _validate(
         raise PeriodicGraphError(
             f"the periodic cell vectors {periodic.tolist()} are linearly dependent"
         )
+    images = _periodic_images(periodic, cutoff)
+    if images > MAX_PERIODIC_IMAGES:
+        raise PeriodicGraphError(
+            f"the cutoff {cutoff} reaches about {images:.3g} periodic images of the cell "
+            f"{cell.tolist()} (pbc {pbc_arr.tolist()}); the cell is nearly degenerate or far "
+            f"smaller than the cutoff, and the neighbour search would not finish "
+            f"(limit {MAX_PERIODIC_IMAGES:.0e})"
+        )
     return positions, cell, pbc_arr, cutoff
+
+
+#: Most images of the cell a neighbour search may visit (a 75M-image cell takes ~5 s here; 100x
+#: more did not finish in a minute).
+MAX_PERIODIC_IMAGES = 1e8
+
+
+def _periodic_images(periodic: np.ndarray, cutoff: float) -> float:
+    """Images of the periodic lattice within ``cutoff``: the product over its vectors of
+    2 ceil(cutoff / d) + 1, d the spacing of the lattice planes along that vector (its k-volume
+    over the (k-1)-volume of the other vectors, from Gram determinants)."""
+    k = len(periodic)
+    if k == 0:
+        return 1.0
+    gram = periodic @ periodic.T
+    volume = np.sqrt(max(np.linalg.det(gram), 0.0))
+    count = 1.0
+    for i in range(k):
+        others = np.delete(np.delete(gram, i, 0), i, 1)
+        face = np.sqrt(max(np.linalg.det(others), 0.0)) if k > 1 else 1.0
+        spacing = volume / face if face > 0 else 0.0
+        count *= 2 * np.ceil(cutoff / spacing) + 1 if spacing > 0 else np.inf
+    return count
 
 
 @functools.cache
