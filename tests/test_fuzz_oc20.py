@@ -233,7 +233,7 @@ def test_legacy_lmdb_heavy_corruption_never_kills_the_interpreter(tmp_path):
     that trusts its pages, so a crash (SIGSEGV/SIGBUS) would only show as a dead process."""
     rng = np.random.default_rng(0)
     source = bytearray(_shared(LEGACY))
-    n_runs = 60 if LARGE else 10
+    n_runs = 40 if LARGE else 10
     for run in range(n_runs):
         raw = bytearray(source)
         # Half of the runs hit the first pages (meta pages and B-tree roots), half anywhere.

@@ -218,13 +218,12 @@ def test_killed_at_random_times_resumes_bit_for_bit(reference, tmp_path, seed):
     run, out = tmp_path / "run", tmp_path / "out.npz"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     kills = 0
-    for attempt in range(30):
+    for attempt in range(5):  # up to 4 kills, then the run may finish
         process = subprocess.Popen([sys.executable, str(DRIVER), "train", str(run), str(out),
                                     "none"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    env=env)
-        delay = float(rng.uniform(3.0, 40.0))
         try:
-            process.wait(timeout=delay)
+            process.wait(timeout=None if attempt == 4 else float(rng.uniform(3.0, 40.0)))
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -232,8 +231,6 @@ def test_killed_at_random_times_resumes_bit_for_bit(reference, tmp_path, seed):
             continue
         assert process.returncode == 0, process.stderr.read()[-3000:]
         break
-    else:
-        pytest.fail("no attempt finished")
     _same_result(reference / "out.npz", out)
     assert _history(run) == _history(reference / "run")
     record("training: SIGKILL at random times", f"{kills} kills, resumed bit-identical")
