@@ -198,6 +198,37 @@ def test_composition_reference_standardisation():
         oc20.standardise(systems, "EMT", reference="atomref")
 
 
+def test_element_descriptors():
+    table = oc20.element_descriptors()
+    assert table.shape == (oc20.MAX_Z + 1, 3) and np.all(table[0] == 0)
+    # Same group (10) for Ni, Pd, Pt; Pt one period below Pd; Cu and Au in group 11.
+    assert table[28, 1] == table[46, 1] == table[78, 1] != table[29, 1] == table[79, 1]
+    assert table[78, 0] > table[46, 0] > table[28, 0]
+    emt_elements = [1, 6, 7, 8, 13, 28, 29, 46, 47, 78, 79]  # H C N O and the EMT metals
+    assert len({tuple(table[z]) for z in emt_elements}) == len(emt_elements)
+
+
+def test_element_features_place_unseen_elements_by_descriptors():
+    config = _config(cutoff=4.0)
+    config.embedding.element_features = True
+    model = oc20.make_model(config)
+    cu = _slab_system()
+    pt = cu._replace(atomic_numbers=np.where(cu.atomic_numbers == 29, 78, cu.atomic_numbers))
+
+    def padded(system):
+        return pad_graph(batch_graphs([oc20.system_graph(system, 4.0)]), 32, 2048, 2)
+
+    params, state = model.init(jax.random.PRNGKey(0), padded(cu))
+    assert float(jnp.abs(params["z_embedding"]["embeddings"]).max()) == 0.0  # zero start
+    energy = jax.jit(lambda g: model.apply(params, state, None, g, False)[0][0])
+    # With the lookup at zero the two metals still differ, through their descriptors.
+    assert abs(float(energy(padded(cu))) - float(energy(padded(pt)))) > 1e-6
+    bad = config.to_dict()
+    bad["embedding"]["element_features"] = "yes"
+    with pytest.raises(ConfigError, match=r"config\.embedding\.element_features"):
+        oc20.validate_config(bad)
+
+
 def test_energy_error_sums_exact():
     error = jnp.array([0.01, -0.019, 0.5, -0.03, 123.0])
     mask = jnp.array([True, True, True, True, False])

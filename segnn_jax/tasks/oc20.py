@@ -10,7 +10,12 @@ Pipeline (SEGNN.md sections 2.7 and 3, the author's OC20 fork):
   attribute ``a_i = mean_j a_ij`` with the l = 0 component set to 1 (an isolated atom gets
   ``(1, 0, ...)``); extra message feature ``|r_ij|^2`` (``1x0e``);
 * node input: a learned embedding of the atomic number to ``embedding.dim`` scalars (256 in the
-  reference), ``hk.Embed`` applied before the SEGNN (``[N, dim x 0e]``);
+  reference), ``hk.Embed`` applied before the SEGNN (``[N, dim x 0e]``). An element absent from
+  training keeps its random initial embedding, so a held-out metal (``ood_cat`` on single-metal
+  slabs) is unknown to the network. ``embedding.element_features=True`` (default False) adds a
+  learned linear map of fixed element descriptors (:func:`element_descriptors`: period, group,
+  covalent radius) and starts the lookup at zero, so that an unseen element is placed by its
+  descriptors (an unseen element's lookup row then stays zero);
 * a graph-level SEGNN (6 layers, no norm, mean pool) with output ``1x0e`` per system.
 
 The target ``y_relaxed`` (eV) is standardised with the TRAINING mean and standard deviation; the
@@ -101,6 +106,7 @@ __all__ = [
     "adsorbate_mean_baseline",
     "catalyst_label",
     "cross_validate",
+    "element_descriptors",
     "energy_error_sums",
     "energy_metrics",
     "evaluate",
@@ -163,7 +169,7 @@ BATCH_DEFAULTS: Dict[str, Any] = {
     "buckets": (0.5, 0.75, 1.0),
 }
 
-EMBEDDING_DEFAULTS: Dict[str, Any] = {"dim": 256}
+EMBEDDING_DEFAULTS: Dict[str, Any] = {"dim": 256, "element_features": False}
 
 BASELINE_DEFAULTS: Dict[str, Any] = {"ridge_alpha": 1e-3}
 
@@ -315,6 +321,9 @@ def validate_config(config: Any) -> Dict[str, Any]:
         raise ConfigError(f"config.batch.buckets: {e}") from e
     batch["buckets"] = tuple(float(f) for f in batch["buckets"])
     positive_int(embedding, "dim", "config.embedding", optional=False)
+    if not isinstance(embedding["element_features"], bool):
+        raise ConfigError(f"config.embedding.element_features: expected true or false, got "
+                          f"{embedding['element_features']!r}")
     alpha = baseline["ridge_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ConfigError(f"config.baseline.ridge_alpha: expected a number >= 0, got {alpha!r}")
@@ -355,20 +364,59 @@ def featurize(graph: jraph.GraphsTuple, embedded: jnp.ndarray, *,
     return SteerableGraphsTuple(graph, features, node_attr, edge_attr, extra)
 
 
+def _period_and_group(z: int) -> tuple[int, int]:
+    """Period and IUPAC group (1-18; lanthanides and actinides count as group 3) of element z."""
+    period_ends = (2, 10, 18, 36, 54, 86, 118)
+    period = next(k + 1 for k, end in enumerate(period_ends) if z <= end)
+    position = z - (0, 2, 10, 18, 36, 54, 86)[period - 1]  # 1-based position in the period
+    if period == 1:
+        return period, 1 if position == 1 else 18
+    if period <= 3:
+        return period, position if position <= 2 else position + 10
+    if period <= 5:
+        return period, position
+    # Periods 6 and 7: s block, 15 f-block elements (group 3), then groups 4-18.
+    return period, position if position <= 2 else (3 if position <= 17 else position - 14)
+
+
+def element_descriptors() -> np.ndarray:
+    """``[MAX_Z + 1, 3]`` float32 fixed element descriptors: period, group and covalent radius
+    (ASE's table, Angstrom), each standardised over elements 1-86; row 0 (padding) is zero."""
+    from ase.data import covalent_radii
+
+    table = np.zeros((MAX_Z + 1, 3), np.float64)
+    for z in range(1, MAX_Z + 1):
+        table[z] = (*_period_and_group(z), covalent_radii[z])
+    reference = table[1:87]
+    table[1:] = (table[1:] - reference.mean(axis=0)) / reference.std(axis=0)
+    return table.astype(np.float32)
+
+
 def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [G]`` standardised energies, transformed by Haiku.
 
     The graph's nodes carry "atomic_numbers" ``[N]`` int32, embedded by ``hk.Embed`` (name
-    ``z_embedding``) into ``config.embedding.dim`` scalars.
+    ``z_embedding``) into ``config.embedding.dim`` scalars; with ``embedding.element_features``
+    the lookup starts at zero and a linear map of :func:`element_descriptors` (name
+    ``element_features``) is added.
     """
     cfg = validate_config(config)
     factory = models.create_model(cfg["model"], output_irreps="1x0e")
     lmax_attr = cfg["model"]["lmax_attr"]
     dim = cfg["embedding"]["dim"]
+    descriptors = element_descriptors() if cfg["embedding"]["element_features"] else None
 
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
         graph = jax.tree.map(jnp.asarray, graph)  # host batches too (e.g. Haiku's init)
-        embedded = hk.Embed(MAX_Z + 1, dim, name="z_embedding")(graph.nodes["atomic_numbers"])
+        z = graph.nodes["atomic_numbers"]
+        if descriptors is None:
+            embedded = hk.Embed(MAX_Z + 1, dim, name="z_embedding")(z)
+        else:
+            # A zero start: an element never seen in training is described by its descriptors
+            # alone instead of by a random vector.
+            lookup = hk.Embed(MAX_Z + 1, dim, w_init=hk.initializers.Constant(0.0),
+                              name="z_embedding")(z)
+            embedded = lookup + hk.Linear(dim, name="element_features")(jnp.asarray(descriptors)[z])
         st_graph = featurize(graph, embedded, lmax_attr=lmax_attr)
         return factory()(st_graph, is_training).array[:, 0]  # [G]
 
