@@ -121,6 +121,9 @@ def _periodic_images(periodic: np.ndarray, cutoff: float) -> float:
     k = len(periodic)
     if k == 0:
         return 1.0
+    # The count is scale-free: rescale so that the Gram determinants cannot overflow.
+    scale = float(np.abs(periodic).max())
+    periodic, cutoff = periodic / scale, cutoff / scale
     gram = periodic @ periodic.T
     volume = np.sqrt(max(np.linalg.det(gram), 0.0))
     count = 1.0
@@ -141,26 +144,60 @@ def _neighbour_pairs(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, backend: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, S) with x_j - x_i + S @ cell within the cutoff, S = 0 along non-periodic axes."""
+    vesin_safe = _vesin_safe(positions, cell, pbc, cutoff)
     if backend == "auto":
-        backend = "vesin" if _vesin_available() else "ase"
+        backend = "vesin" if _vesin_available() and vesin_safe else "ase"
     if backend == "vesin":
         try:
             from vesin import NeighborList
         except ImportError as err:
             raise ImportError("backend='vesin' needs the vesin package: pip install vesin") from err
+        if not vesin_safe:
+            raise PeriodicGraphError(
+                f"the atoms or the cell span more than {_VESIN_MAX_SPAN:.0e} cutoffs, where vesin "
+                f"kills the interpreter; use backend='ase' (or 'auto', which does)")
         # vesin wants a full-rank box even along non-periodic axes, whose vectors it does not
         # use for images: replace those by unit vectors orthogonal to the periodic ones.
         box = cell.copy()
         if not pbc.all():
             box[~pbc] = _orthonormal_complement(cell[pbc])
-        i, j, shifts = NeighborList(cutoff=cutoff, full_list=True).compute(
-            points=positions, box=box, periodic=pbc, quantities="ijS"
-        )
+        try:
+            i, j, shifts = NeighborList(cutoff=cutoff, full_list=True).compute(
+                points=positions, box=box, periodic=pbc, quantities="ijS"
+            )
+        except RuntimeError as err:  # vesin's own input checks ("cutoff is too small", ...)
+            raise PeriodicGraphError(f"vesin refused the input: {err}") from err
         return i, j, shifts
-    # ASE's i is the centre atom and j the neighbour with D = x_j - x_i + S @ cell.
-    return primitive_neighbor_list(
-        "ijS", pbc, cell, positions, cutoff, self_interaction=False, use_scaled_positions=False
-    )
+    # ASE's i is the centre atom and j the neighbour with D = x_j - x_i + S @ cell. It bins with
+    # the whole cell, so the ignored non-periodic vectors become unit vectors (a zero or
+    # degenerate one made its cell singular); the shifts along them are zero either way.
+    box = cell.copy()
+    if not pbc.all():
+        box[~pbc] = _orthonormal_complement(cell[pbc])
+    try:
+        return primitive_neighbor_list(
+            "ijS", pbc, box, positions, cutoff, self_interaction=False, use_scaled_positions=False
+        )
+    except (MemoryError, ValueError, np.linalg.LinAlgError) as err:
+        # Atoms spread over ~1e15 cutoffs overflow ASE's bin indices.
+        span = float(np.ptp(positions, axis=0).max())
+        raise PeriodicGraphError(
+            f"the neighbour search failed for atoms spanning {span:.3g} (cutoff {cutoff}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+#: vesin 0.6.2 dies with SIGFPE (no exception: the interpreter is killed) when the points or the
+#: cell span ~1e5 cutoffs or more (two atoms 1e5 cutoffs apart along non-periodic axes, a 1e300
+#: box); such inputs go to ASE. Measured, with a factor 10 of margin.
+_VESIN_MAX_SPAN = 1e4
+
+
+def _vesin_safe(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> bool:
+    span = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
+    if pbc.any():
+        span = max(span, float(np.abs(cell[pbc]).max()))
+    return span / cutoff < _VESIN_MAX_SPAN
 
 
 def _orthonormal_complement(vectors: np.ndarray) -> np.ndarray:

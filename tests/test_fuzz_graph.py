@@ -158,7 +158,10 @@ def _brute_force_periodic(positions, cell, pbc, cutoff):
     if len(periodic):
         sigma_min = np.linalg.svd(periodic, compute_uv=False).min()
         diameter = np.ptp(positions, axis=0).sum() if len(positions) else 0.0
-        reach = int(np.ceil((cutoff + diameter) / sigma_min)) + 1
+        reach = (cutoff + diameter) / sigma_min
+        if not reach < 100:
+            return None  # too many images to enumerate here
+        reach = int(np.ceil(reach)) + 1
     ranges = [np.arange(-reach, reach + 1) if flag else np.zeros(1, int) for flag in pbc]
     if np.prod([len(r) for r in ranges]) > 2_000_000:
         return None  # too many images to enumerate here
@@ -211,6 +214,22 @@ def test_periodic_nearly_degenerate_cell_fails_fast(thickness):
     cell[2] = cell[1] + np.array([0, 0, thickness])
     with no_hang(10), pytest.raises(PeriodicGraphError, match="periodic images of the cell"):
         periodic_radius_graph(np.array([[0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]), cell, True, 2.5)
+
+
+@pytest.mark.parametrize("positions, cell, pbc", [
+    (np.array([[1e5, 0, 0], [0, 0, 0], [0.5, 0, 0]]), np.eye(3), False),
+    (np.array([[0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]), np.eye(3) * 1e300, True),
+], ids=["far_atom_in_vacuum", "huge_box"])
+def test_periodic_inputs_that_crash_vesin_go_to_ase(positions, cell, pbc):
+    """Regression: vesin 0.6.2 killed the interpreter with SIGFPE on these (found by the large
+    fuzz run: a dead pytest worker). 'auto' must route them to ASE; 'vesin' must refuse them."""
+    edges = periodic_radius_graph(positions, cell, pbc, 1.0)
+    pairs = set(zip(edges.senders.tolist(), edges.receivers.tolist()))
+    sure, _ = _brute_force_radius(positions, 1.0)
+    assert pairs == sure
+    pytest.importorskip("vesin")
+    with pytest.raises(PeriodicGraphError, match="use backend='ase'"):
+        periodic_radius_graph(positions, cell, pbc, 1.0, backend="vesin")
 
 
 @st.composite
