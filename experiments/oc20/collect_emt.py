@@ -5,12 +5,16 @@ Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<spli
 ``oc20_emt`` config docstring for the commands); then::
 
     python experiments/oc20/collect_emt.py --runs RUNS --data /work/data/emt20k \
-        --out benchmarks/results/oc20_emt.json
+        --out benchmarks/results/oc20_emt.json [--variants ood_cat_element_features] \
+        [--generation generation.json]
 
 Per split the JSON holds SEGNN's test ``mae_ev`` / ``ewt`` at the best validation epoch, the
 baselines' test MAE and EwT (ridge on composition + adsorbate one-hot, per-adsorbate mean,
 training mean), the sample counts, held-out groups, ``command``, ``git_revision`` and wall time of
-the run. Splits whose run has no ``results.json`` yet are listed under ``missing``.
+the run. Splits whose run has no ``results.json`` yet are listed under ``missing``. ``--variants``
+names further run directories under RUNS (e.g. a split re-run with another option), reported
+under ``variants`` and drawn as extra panels. ``--generation`` adds a JSON record of how the data
+set was generated (rate, interruptions).
 """
 
 import argparse
@@ -28,12 +32,14 @@ def _metrics(entry):
     return None if entry is None else {"mae_ev": entry["mae_ev"], "ewt": entry["ewt"]}
 
 
-def split_summary(run_dir: Path) -> dict:
+def split_summary(run_dir: Path, description: str = "") -> dict:
     """The reported numbers of one run directory (its ``results.json``)."""
     results = json.loads((run_dir / "results.json").read_text())
     baselines = results["baselines"]
+    config = json.loads((run_dir / "config.json").read_text())
     return {
-        "description": LABELS[results["split"]],
+        "description": description or LABELS[results["split"]],
+        "split": results["split"],
         "mae_ev": results["test"]["mae_ev"],
         "ewt": results["test"]["ewt"],
         "valid": _metrics(results["valid"]),
@@ -48,8 +54,8 @@ def split_summary(run_dir: Path) -> dict:
         "best_epoch": results["best_epoch"],
         "epochs": results["epochs"],
         "num_parameters": results["num_parameters"],
-        "energy_reference": json.loads((run_dir / "config.json").read_text())["data"].get(
-            "energy_reference", "none"),
+        "energy_reference": config["data"].get("energy_reference", "none"),
+        "element_features": config["embedding"].get("element_features", False),
         "standardisation": results["standardisation"],
         "wall_time_s": results["wall_time_s"],
         "command": results["command"],
@@ -59,18 +65,19 @@ def split_summary(run_dir: Path) -> dict:
 
 
 def _curves(run_dir: Path):
-    """(epoch, validation MAE eV) and (epoch, training MAE eV, running mean over the log window)."""
+    """(epoch, validation MAE eV), (epoch, test MAE eV) and (epoch, training batch MAE eV)."""
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if line.strip()]
-    val = [(e["epoch"] + 1, e["mae"]) for e in events
-           if e.get("event") == "eval" and e.get("split") == "val"]
+    val, test = ([(e["epoch"] + 1, e["mae"]) for e in events
+                  if e.get("event") == "eval" and e.get("split") == split] for split in ("val", "test"))
     steps_per_epoch = max((e["step"] for e in events if e.get("event") == "train"), default=1) / \
         max(1, max((e["epoch"] + 1 for e in events if e.get("event") == "train"), default=1))
     train = [(e["step"] / steps_per_epoch, e["mae"]) for e in events if e.get("event") == "train"]
-    return val, train
+    return val, test, train
 
 
 def plot(summaries: dict, runs: Path, path: Path) -> None:
+    """One panel per run: SEGNN training / validation MAE per epoch and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,11 +86,13 @@ def plot(summaries: dict, runs: Path, path: Path) -> None:
     fig, axes = plt.subplots(1, len(summaries), figsize=(4.2 * len(summaries), 3.6), dpi=120,
                              squeeze=False)
     for ax, (split, summary) in zip(axes[0], summaries.items()):
-        val, train = _curves(runs / split)
+        val, test, train = _curves(Path(summary["run_dir"]))
         if train:
             ax.plot(*zip(*train), color="0.6", lw=0.8, label="SEGNN train (batch MAE)")
         if val:
             ax.plot(*zip(*val), "o-", ms=3, label="SEGNN validation")
+        if test:
+            ax.plot(*zip(*test), "s--", ms=2, color="C1", alpha=0.7, label="SEGNN test")
         ax.axhline(summary["baselines_valid"]["composition_ridge"]["mae_ev"], color="C3", ls="--",
                    label="ridge comp.+ads. (validation)")
         ax.axhline(summary["baselines_valid"]["adsorbate_mean"]["mae_ev"], color="C2", ls=":",
@@ -101,15 +110,29 @@ def plot(summaries: dict, runs: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def dataset_summary(data: Path) -> dict:
-    """Size and generation record of the EMT set (manifest, shard count, wall-clock rate)."""
-    manifest = json.loads((data / "emt_dataset.json").read_text())
+def dataset_summary(data: Path, generation: Path | None = None) -> dict:
+    """The EMT set: its folder, shard count, manifest (when the folder has one) and generation
+    record."""
     shards = sorted(data.glob("shard_*.aselmdb"))
-    out = {"path": str(data), "manifest": manifest, "complete_shards": len(shards),
-           "samples_present": min(len(shards) * manifest["shard_size"], manifest["n_samples"])}
-    log = data / "generation_log.json"
-    if log.is_file():
-        out["generation"] = json.loads(log.read_text())
+    out = {"path": str(data), "complete_shards": len(shards)}
+    if (data / "emt_dataset.json").is_file():
+        out["manifest"] = json.loads((data / "emt_dataset.json").read_text())
+    if generation is not None:
+        out["generation"] = json.loads(generation.read_text())
+    return out
+
+
+def _without_note(argv):
+    """The command line with the (long, already stored) ``--note`` text left out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            out.append("--note ...")
+            skip = True
+        else:
+            out.append("--note ..." if arg.startswith("--note=") else arg)
     return out
 
 
@@ -119,30 +142,37 @@ def main(argv=None) -> int:
                         help="folder with one run directory per split (id, ood_ads, ood_cat)")
     parser.add_argument("--data", type=Path, required=True, help="the EMT data set folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oc20_emt.json"))
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="further run directories under --runs to report (e.g. a fix)")
+    parser.add_argument("--generation", type=Path, default=None,
+                        help="JSON record of the generation of the data set")
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
     summaries = {split: split_summary(args.runs / split) for split in SPLITS
                  if (args.runs / split / "results.json").is_file()}
+    variants = {name: split_summary(args.runs / name, description=name)
+                for name in args.variants}
     if not summaries:
         print(f"no finished run under {args.runs}", file=sys.stderr)
         return 1
     figure = args.out.with_suffix(".png")
-    plot(summaries, args.runs, figure)
+    plot({**summaries, **variants}, args.runs, figure)
     results = {
         "task": "oc20_is2re_emt",
         "level_of_theory": "EMT (ASE effective medium theory; NOT DFT)",
         "target": "relaxed adsorption energy (eV) from the initial structure (IS2RE)",
         "ewt_threshold_ev": 0.02,
-        "dataset": dataset_summary(args.data),
+        "dataset": dataset_summary(args.data, args.generation),
         "splits": summaries,
+        "variants": variants,
         "missing": [s for s in SPLITS if s not in summaries],
         "figure": os.path.relpath(figure, args.out.parent),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *_without_note(sys.argv)]),
         "note": args.note,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} and {figure}")
-    for split, s in summaries.items():
+    for split, s in {**summaries, **variants}.items():
         print(f"{split:8s} SEGNN MAE {s['mae_ev']:.4f} eV EwT {s['ewt']:.3f} | ridge "
               f"{s['ridge_mae_ev']:.4f} | ads. mean {s['adsorbate_mean_mae_ev']:.4f} | "
               f"n {s['n_train']}/{s['n_valid']}/{s['n_test']}")
