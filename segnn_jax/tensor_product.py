@@ -291,35 +291,29 @@ def tiled_rows(fn, x1: Sequence[Segment], x2: Optional[e3nn.IrrepsArray],
     in the CPU caches, and the backward pass recomputes them tile by tile instead of storing them.
     On a memory-bound CPU this is several times faster than one pass over all rows; on accelerators
     it only costs parallelism, so it is off (``tile=None``) unless asked for. Gathered segments
-    ``(array, index)`` are tiled through their index; the gathered-from array is read whole.
+    ``(array, index)`` are gathered once and then tiled like the other rows.
 
     Falls back to ``fn(x1, x2)`` when ``tile`` is None, the rows fit in one tile, or an input is not
-    ``[rows, dim]``. Padding rows are zeros (index 0 for gathers) and are cut from the result.
+    ``[rows, dim]``. Padding rows are zeros and are cut from the result.
     """
     rows = _row_count(x1, x2)
     if tile is None or rows is None or rows <= tile:
         return fn(x1, x2)
     n_tiles = -(-rows // tile)
-    # Row-wise leaves are tiled; gathered-from arrays are passed to every tile unchanged.
-    tiled, rebuild = [], []
+    # Gathered segments are gathered once, before tiling: read from inside the tiles, the whole
+    # source array would receive a dense cotangent per tile in the backward pass.
+    irreps, tiled = [], []
     for segment in x1:
         array, index = segment if isinstance(segment, tuple) else (segment, None)
-        if index is None:
-            rebuild.append(("rows", array.irreps, len(tiled)))
-            tiled.append(_pad_rows(array.array, n_tiles, tile))
-        else:
-            rebuild.append(("gather", array, len(tiled)))
-            tiled.append(_pad_rows(index, n_tiles, tile))
+        irreps.append(array.irreps)
+        tiled.append(_pad_rows(array.array if index is None else array.array[index], n_tiles, tile))
     if x2 is not None:
         tiled.append(_pad_rows(x2.array, n_tiles, tile))
     out_irreps = []
 
     @jax.checkpoint
     def body(carry, leaves):
-        segments = [
-            e3nn.IrrepsArray(what, leaves[i]) if kind == "rows" else (what, leaves[i])
-            for kind, what, i in rebuild
-        ]
+        segments = [e3nn.IrrepsArray(ir, leaf) for ir, leaf in zip(irreps, leaves)]
         y2 = None if x2 is None else e3nn.IrrepsArray(x2.irreps, leaves[-1])
         out = fn(segments, y2)
         out_irreps.append(out.irreps)
