@@ -175,7 +175,8 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     }
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     commands = {
-        "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path)],
+        "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path),
+                 "--row-tile", args.row_tile],
         "segnn-jax-0.7": [str(peer_python), str(HERE / "peer_worker.py"), str(batch_path)],
     }
     limits = {"ours": args.compile_limit_ours, "segnn-jax-0.7": args.compile_limit}
@@ -302,6 +303,9 @@ def main(argv=None) -> dict:
         "--time-limit", type=float, default=600.0, help="seconds allowed per timing request"
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument(
+        "--row-tile", default="auto", help="our tensor-product tile (see throughput.py --row-tile)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
