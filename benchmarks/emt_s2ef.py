@@ -129,6 +129,18 @@ def jax_md_nve(loaded, metal, *, dt_fs, steps, temperature_k, seed=0):
         "formula": slab.get_chemical_formula()})
 
 
+def _jax_md_or_skip(loaded, frame, args) -> dict:
+    from ase.data import chemical_symbols
+
+    numbers = frame.atomic_numbers.tolist()
+    metal = chemical_symbols[max(set(numbers), key=numbers.count)]
+    try:
+        return jax_md_nve(loaded, metal, dt_fs=args.dt_fs, steps=args.steps,
+                          temperature_k=args.temperature_k)
+    except ImportError:
+        return {"skipped": "jax-md is not installed (pip install 'segnn[md]')"}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.emt_s2ef", description=__doc__)
     parser.add_argument("run_dir")
@@ -153,14 +165,11 @@ def main(argv=None) -> dict:
     calculator = SEGNNCalculator.from_run(run_dir)
     nve = {"ase": ase_nve(calculator, atoms, dt_fs=args.dt_fs, steps=args.steps,
                           temperature_k=args.temperature_k)}
-    try:
-        metal = max(set(frame.atomic_numbers.tolist()), key=frame.atomic_numbers.tolist().count)
-        from ase.data import chemical_symbols
-
-        nve["jax_md"] = jax_md_nve(loaded, chemical_symbols[metal], dt_fs=args.dt_fs,
-                                   steps=args.steps, temperature_k=args.temperature_k)
-    except ImportError:
-        nve["jax_md"] = {"skipped": "jax-md is not installed (pip install 'segnn[md]')"}
+    if loaded.spec.head != "conservative":
+        nve["jax_md"] = {"skipped": "JAX-MD integrates the gradient of the energy; the direct "
+                                    "force head's forces are not that gradient"}
+    else:
+        nve["jax_md"] = _jax_md_or_skip(loaded, frame, args)
     out = {
         "task": "potential (S2EF-style) on EMT relaxation frames",
         "level_of_theory": results["level_of_theory"],
