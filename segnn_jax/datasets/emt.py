@@ -359,7 +359,7 @@ def _limit_blas_threads() -> Any:
         from threadpoolctl import threadpool_limits
     except ImportError as err:
         raise ImportError(
-            "EMT generation needs 'threadpoolctl': pip install 'segnn[oc20]'"
+            "EMT generation needs 'threadpoolctl': pip install 'segnn[experiments]'"
         ) from err
     return threadpool_limits(limits=1)
 
