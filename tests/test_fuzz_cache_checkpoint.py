@@ -140,6 +140,8 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path_factory, shapes
 
 
 @pytest.mark.parametrize("manifest", ['[]', '{"files": [], "leaves": []}',
+                                      '{"gormat": "segnn_jax.checkpoint/1", "files": {}, '
+                                      '"leaves": []}',
                                       '{"files": {"a": 1}, "leaves": []}',
                                       '{"files": {}, "leaves": [1, 2]}',
                                       '{"files": {}, "leaves": [], "loop_state": 3}'])

@@ -223,7 +223,7 @@ def test_killed_at_random_times_resumes_bit_for_bit(reference, tmp_path, seed):
                                     "none"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    env=env)
         try:
-            process.wait(timeout=None if attempt == 4 else float(rng.uniform(3.0, 40.0)))
+            process.wait(timeout=None if attempt == 4 else float(rng.uniform(2.0, 15.0)))
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()

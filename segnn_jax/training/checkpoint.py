@@ -276,7 +276,11 @@ class CheckpointManager:
             raise CorruptCheckpointError(
                 f"{manifest_path}: missing or unreadable manifest ({e})") from e
         if manifest.get("format") != _FORMAT:
-            raise CheckpointError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+            # Corrupt for restore_latest's purposes: a damaged manifest reads like this too, and
+            # the previous checkpoint is then the one to use (the warning names this one).
+            raise CorruptCheckpointError(
+                f"{manifest_path}: unknown format {manifest.get('format')!r} (expected "
+                f"{_FORMAT!r}: damaged, or written by another version of segnn_jax)")
         for name, digest in files.items():
             f = path / name
             if not f.is_file():
