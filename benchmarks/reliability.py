@@ -149,8 +149,10 @@ def _markdown(result: dict) -> str:
                                                            key=lambda kv: -kv[1]))
         lines.append(f"| {target} | {entry['cases']} | {outcomes} |")
     total = sum(e["cases"] for e in result["targets"].values())
+    verdict = ("Every case" if not result["failed_tests"] else
+               "Except in the failures listed below, every case")
     lines += [f"| **total** | **{total}** | |", "",
-              ("Every case either gave a valid result (checked: shapes, finiteness, index and "
+              (f"{verdict} either gave a valid result (checked: shapes, finiteness, index and "
               "atom count as in the file, caches and checkpoints identical to what was saved, "
               "edges equal to brute force) or raised the reader's documented exception naming "
               "the file; no hang (60 s limit per case), no interpreter crash, no other exception."),
