@@ -176,7 +176,7 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     commands = {
         "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path),
-                 "--row-tile", args.row_tile],
+                 "--row-tile", args.row_tile, *(["--scan-layers"] if args.scan_layers else [])],
         "segnn-jax-0.7": [str(peer_python), str(HERE / "peer_worker.py"), str(batch_path)],
     }
     limits = {"ours": args.compile_limit_ours, "segnn-jax-0.7": args.compile_limit}
@@ -305,6 +305,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument(
         "--row-tile", default="auto", help="our tensor-product tile (see throughput.py --row-tile)"
+    )
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="our layers as one scanned body (QM9 config default)"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

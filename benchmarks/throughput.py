@@ -41,7 +41,8 @@ DTYPES = ("float32", "float64", "bfloat16")
 
 
 def build_ours(
-    arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None
+    arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None,
+    scan_layers: bool = False,
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
@@ -54,6 +55,7 @@ def build_ours(
         dtype: of parameters and floating inputs; ``"float64"`` enables ``jax_enable_x64``.
         seed: of the parameter initialisation.
         row_tile: rows per tile of every tensor product (None: one pass), see ``SEGNN``.
+        scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -114,6 +116,7 @@ def build_ours(
             pool=spec["pool"],
             norm=spec["norm"],
             row_tile=row_tile,
+            scan_layers=scan_layers,
         )
         return network(st_graph, is_training).array
 
@@ -157,7 +160,7 @@ def _untiled_step_flops(arrays: dict, spec: dict, dtype: str):
 
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
-            row_tile: str = "auto") -> dict:
+            row_tile: str = "auto", scan_layers: bool = False) -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
     record = {
@@ -167,8 +170,9 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "edges": len(arrays["senders"]),
         "graphs": len(arrays["n_node"]),
         "row_tile": resolve_row_tile(row_tile),
+        "scan_layers": scan_layers,
     }
-    bench = build_ours(arrays, spec, dtype, row_tile=record["row_tile"])
+    bench = build_ours(arrays, spec, dtype, row_tile=record["row_tile"], scan_layers=scan_layers)
     record["params"] = bench.n_params
     forward = bench.compile("forward")
     step = bench.compile("train_step")
@@ -206,14 +210,15 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
 def _child(args) -> None:
     record = measure(
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
-        args.row_tile,
+        args.row_tile, args.scan_layers,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
 
 def _serve(args) -> None:
     arrays, spec = inputs.load(Path(args.serve))
-    common.serve(build_ours(arrays, spec, args.dtype, row_tile=resolve_row_tile(args.row_tile)))
+    common.serve(build_ours(arrays, spec, args.dtype, row_tile=resolve_row_tile(args.row_tile),
+                            scan_layers=args.scan_layers))
 
 
 def _print_record(name: str, r: dict) -> None:
@@ -259,6 +264,10 @@ def main(argv=None) -> dict:
         default="auto",
         help="rows per tensor-product tile: auto (256 on CPU, none elsewhere), none, or an integer",
     )
+    parser.add_argument(
+        "--scan-layers", action="store_true",
+        help="one scanned layer body over stacked parameters (the QM9 config's default)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--update",
@@ -290,6 +299,7 @@ def main(argv=None) -> dict:
         "max_seconds": args.max_seconds,
         "dtype": args.dtype,
         "row_tile": args.row_tile,
+        "scan_layers": args.scan_layers,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -313,7 +323,7 @@ def main(argv=None) -> dict:
             if args.in_process:
                 record = measure(
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
-                    args.row_tile,
+                    args.row_tile, args.scan_layers,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -333,6 +343,7 @@ def main(argv=None) -> dict:
                         args.dtype,
                         "--row-tile",
                         args.row_tile,
+                        *(["--scan-layers"] if args.scan_layers else []),
                         "--matmul",
                         json.dumps(result["matmul_float32"]),
                     ]

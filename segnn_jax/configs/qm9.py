@@ -47,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = dict(DATA_DEFAULTS, target="alpha", cutoff=2.0, atom_reference=False,
                        split="cormorant")
     config.batch = dict(BATCH_DEFAULTS, batch_size=128)
-    config.model = dict(MODEL_DEFAULTS)  # 128 features, lmax 2/3, 7 layers, instance norm, avg
+    # 128 features, lmax 2/3, 7 layers, instance norm, avg. One scanned layer body: the training
+    # step compiles in ~20 s instead of ~60-90 s here (same function; checkpoints hold stacked
+    # layer parameters, see segnn_jax.stack_layer_params).
+    config.model = dict(MODEL_DEFAULTS, scan_layers=True)
     train = default_train_config()
     train.update(num_epochs=1000, eval_every=1, log_every=50, seed=0)
     train["optimizer"].update(optimizer="adam", learning_rate=5e-4, weight_decay=1e-8,
