@@ -247,3 +247,15 @@ def test_legacy_lmdb_heavy_corruption_never_kills_the_interpreter(tmp_path):
         assert done.returncode == 0, (run, done.returncode, done.stderr[-2000:])
         record("oc20.read_legacy_lmdb (subprocess, heavy corruption)", done.stdout.strip())
         path.unlink()
+
+
+def test_aselmdb_that_reads_as_empty_is_an_error(tmp_path):
+    """Regression: a damaged .aselmdb whose rows were unreachable read as an empty data set."""
+    pytest.importorskip("ase_db_backends", reason="ase-db-backends is not installed")
+    import ase.db
+
+    path = tmp_path / "empty.aselmdb"
+    with ase.db.connect(str(path), type="aselmdb", use_lock_file=False):
+        pass
+    with pytest.raises(OC20FormatError, match=r"empty\.aselmdb: the ASE LMDB database holds no"):
+        read_aselmdb(path)

@@ -458,6 +458,9 @@ def read_aselmdb(path: str | os.PathLike) -> list[OC20Record]:
         raise OC20FormatError(
             f"{path}: not a readable ASE LMDB database ({type(err).__name__}: {err})"
         ) from err
+    if not records:
+        # Also what a damaged file whose B-tree root was lost looks like (found by fuzzing).
+        raise OC20FormatError(f"{path}: the ASE LMDB database holds no structures")
     return records
 
 
