@@ -196,8 +196,17 @@ class TrainedModel:
 
     @functools.cached_property
     def transformed(self):
-        """The Haiku-transformed forward of the task (``task.make_model(config)``)."""
-        return self.task_module.make_model(self.config)
+        """The Haiku-transformed forward of the task (``task.make_model(config)``).
+
+        Raises:
+            TypeError: a task whose network is not built from its config alone (the potential:
+                use ``segnn_jax.ase_calculator.SEGNNCalculator.load`` or its ``predict``).
+        """
+        make_model = getattr(self.task_module, "make_model", None)
+        if make_model is None:
+            raise TypeError(f"the {self.task} task has no generic forward; use its own loader "
+                            f"(e.g. SEGNNCalculator.load for a potential) or predict")
+        return make_model(self.config)
 
     @functools.cached_property
     def _apply(self):

@@ -5,6 +5,7 @@ package. Typical use::
 
     from segnn_jax.ase_calculator import SEGNNCalculator
     atoms.calc = SEGNNCalculator.load("runs/emt_s2ef")   # a run directory of the potential task
+    atoms.calc = SEGNNCalculator.load("emt.segnn")       # or its artifact (segnn export)
     BFGS(atoms).run(fmax=0.05)
 
 Neighbour lists are rebuilt on the host at every call with :mod:`segnn_jax.periodic` (periodic
@@ -32,10 +33,20 @@ from segnn_jax.graph import pad_graph
 
 __all__ = ["ARTIFACT_LOADER", "SEGNNCalculator", "padded_sizes"]
 
-#: Hook for portable model files: ``loader(path) -> (spec, model, params, model_state)``. The
-#: artifact module (segnn_jax.artifact) sets it; until then :meth:`SEGNNCalculator.load` reads run
-#: directories only.
-ARTIFACT_LOADER: Callable[[Path], tuple[Any, Any, Any, Any]] | None = None
+def _load_potential_artifact(path: Path) -> tuple[Any, Any, Any, Any]:
+    # Imported when called: the task module (training, configs) is heavier than this one, and
+    # its predict imports this module.
+    from segnn_jax.tasks.potential import load_potential
+
+    loaded = load_potential(path)
+    return loaded.spec, loaded.model, loaded.params, loaded.model_state
+
+
+#: How :meth:`SEGNNCalculator.load` reads a portable model file:
+#: ``loader(path) -> (spec, model, params, model_state)``; by default an artifact of the
+#: ``potential`` task (``segnn export``, :mod:`segnn_jax.artifact`). Replace it to read another
+#: format; None reads run directories only.
+ARTIFACT_LOADER: Callable[[Path], tuple[Any, Any, Any, Any]] | None = _load_potential_artifact
 
 
 def padded_sizes(n_atoms: int, n_edges: int, *, node_multiple: int = 8,
@@ -100,7 +111,8 @@ class SEGNNCalculator(Calculator):
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> SEGNNCalculator:
-        """A run directory, or (through :data:`ARTIFACT_LOADER`) a portable model file."""
+        """A run directory, or (through :data:`ARTIFACT_LOADER`) a portable model file such as
+        ``segnn export``'s artifact of a potential run."""
         path = Path(path)
         if path.is_dir():
             return cls.from_run(path, **kwargs)

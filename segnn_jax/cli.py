@@ -206,7 +206,7 @@ def _cmd_evaluate(args) -> int:
 
 
 # Tasks whose predict accepts an artifact (a file) as well as a run directory.
-_PREDICT_FROM_ARTIFACT = ("nbody", "qm9")
+_PREDICT_FROM_ARTIFACT = ("nbody", "qm9", "oc20", "potential")
 
 
 def _cmd_predict(args) -> int:
@@ -254,13 +254,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     predict = sub.add_parser(
         "predict", help="predict on new inputs with a run's best checkpoint or an artifact",
-        description="RUN_DIR is a run directory or, for N-body and QM9, an artifact written by "
-                    "segnn export. The input depends on the run's task. N-body: an .npz with "
+        description="RUN_DIR is a run directory or an artifact written by segnn export. The "
+                    "input depends on the run's task. N-body: an .npz with "
                     "positions and velocities [S, N, 3] (or [N, 3]) and charges [S, N] "
                     "(charged) or optional masses [S, N] (gravity); output an .npz with the "
                     "predicted positions. QM9: an xyz or ASE-readable structure file (every "
                     "frame a molecule); output a CSV (or JSON with -o name.json) of the "
-                    "predicted property.")
+                    "predicted property. OC20: an ASE-readable file (every frame a system); "
+                    "output a CSV of adsorption energies. Potential: an ASE-readable file; "
+                    "output an extxyz with energies and forces.")
     predict.add_argument("run_dir")
     predict.add_argument("input")
     predict.add_argument("-o", "--output", default=None,

@@ -192,3 +192,118 @@ def test_predict_from_the_artifact_equals_predict_from_the_run(run_dir, exported
         np.testing.assert_array_equal(a["positions"], b["positions"])
     with pytest.raises(artifact.ArtifactError, match="a model of the nbody task, not of qm9"):
         qm9.predict(exported, tmp_path / "molecule.xyz")
+
+
+def _random_run(path, cfg, init_fn, example, *, seed, side_files=None):
+    """A run directory of ``cfg`` with one checkpoint of random parameters and its side files."""
+    (path / "config.json").write_text(json.dumps(cfg))
+    for name, text in (side_files or {}).items():
+        (path / name).write_text(text)
+    train = cfg["train"]
+    optimizer, _ = make_optimizer(train["optimizer"], total_steps=max(int(train["num_epochs"]), 1),
+                                  steps_per_epoch=1)
+    state = _random_like(jax.eval_shape(lambda: init_train_state(
+        init_fn, optimizer, jax.random.PRNGKey(0), example,
+        ema=train["ema_decay"] is not None)), seed=seed)
+    CheckpointManager(path / "checkpoints").save(state, step=3, best_metric=0.5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def potential_run(tmp_path_factory):
+    """A tiny potential run (random parameters) and its artifact written by ``segnn export``."""
+    from segnn_jax import potential as pot
+    from segnn_jax.tasks import potential
+
+    cfg = potential.validate_config(load_config("test_potential"))
+    spec = pot.PotentialSpec(model=cfg["model"], cutoff=cfg["data"]["cutoff"],
+                             embedding_dim=cfg["potential"]["embedding_dim"],
+                             num_radial=cfg["potential"]["num_radial"], avg_num_neighbors=6.0,
+                             energy_scale=0.7, element_energies={29: -0.25})
+    run = _random_run(tmp_path_factory.mktemp("potential_run"), cfg,
+                      pot.make_potential(spec).init, potential.example_graph(spec.cutoff),
+                      seed=2, side_files={"potential_spec.json": spec.dumps()})
+    out = tmp_path_factory.mktemp("potential_artifact") / "potential.segnn"
+    assert cli.main(["export", str(run), str(out)]) == 0
+    return run, out
+
+
+def _copper(seed):
+    from ase.build import bulk
+
+    atoms = bulk("Cu", cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def test_potential_artifact_in_the_ase_calculator_equals_the_run(potential_run, exported):
+    from segnn_jax.ase_calculator import SEGNNCalculator
+    from segnn_jax.tasks import potential
+
+    run, path = potential_run
+    model = segnn_jax.load_artifact(path)
+    assert model.task == "potential" and model.info["checkpoint_step"] == 3
+    assert set(model.side_files) == {"potential_spec.json"}
+    atoms = _copper(seed=1)
+    results = []
+    for source in (run, path):
+        atoms.calc = SEGNNCalculator.load(source)
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    (e_run, f_run), (e_artifact, f_artifact) = results
+    assert np.isfinite(e_run) and np.abs(f_run).max() > 0
+    assert e_artifact == e_run
+    np.testing.assert_array_equal(f_artifact, f_run)
+
+    with pytest.raises(artifact.ArtifactError, match="a model of the nbody task, not of potential"):
+        SEGNNCalculator.load(exported)
+    with pytest.raises(TypeError, match="no generic forward"):
+        model.apply(potential.example_graph())
+
+
+@pytest.mark.slow  # two more compilations of the potential's forces
+def test_potential_predict_from_the_artifact_equals_predict_from_the_run(potential_run, tmp_path):
+    from ase.io import read, write
+
+    run, path = potential_run
+    write(tmp_path / "in.extxyz", [_copper(seed=2), _copper(seed=3)])
+    for source, name in ((run, "a.extxyz"), (path, "b.extxyz")):
+        assert cli.main(["predict", str(source), str(tmp_path / "in.extxyz"),
+                         "-o", str(tmp_path / name)]) == 0
+    a, b = (read(str(tmp_path / name), index=":") for name in ("a.extxyz", "b.extxyz"))
+    assert len(a) == len(b) == 2
+    assert a[0].get_potential_energy() != a[1].get_potential_energy()
+    for x, y in zip(a, b):
+        assert x.get_potential_energy() == y.get_potential_energy()
+        np.testing.assert_array_equal(x.get_forces(), y.get_forces())
+
+
+def test_oc20_predict_from_the_artifact_equals_predict_from_the_run(tmp_path):
+    import ase.io
+    from ase.build import add_adsorbate, fcc111
+
+    from segnn_jax.tasks import oc20
+
+    cfg = oc20.validate_config(load_config("test_oc20"))
+    stats = {"mean": -1.0, "std": 0.5, "elements": [8, 29], "level_of_theory": "EMT",
+             "element_energies": [-0.4, -0.1]}  # with a reference: predict must add it back
+    (tmp_path / "run").mkdir()
+    run = _random_run(tmp_path / "run", cfg, oc20.make_model(cfg).init,
+                      inference.example_graph("oc20", cfg), seed=3,
+                      side_files={"oc20_standardisation.json": json.dumps(stats)})
+    exported = tmp_path / "oc20.segnn"
+    assert cli.main(["export", str(run), str(exported)]) == 0
+    structures = []
+    for site in ("fcc", "ontop"):
+        atoms = fcc111("Cu", size=(2, 2, 2), vacuum=6.0)
+        add_adsorbate(atoms, "O", 1.5, site)
+        del atoms.info["adsorbate_info"]  # not extxyz-writable
+        atoms.pbc = True
+        structures.append(atoms)
+    ase.io.write(tmp_path / "new.extxyz", structures)
+    for source, name in ((run, "a.csv"), (exported, "b.csv")):
+        assert cli.main(["predict", str(source), str(tmp_path / "new.extxyz"),
+                         "-o", str(tmp_path / name)]) == 0
+    a, b = ((tmp_path / name).read_text() for name in ("a.csv", "b.csv"))
+    rows = a.splitlines()
+    assert len(rows) == 3 and rows[1] != rows[2] and "EMT" in rows[1]
+    assert a == b

@@ -8,7 +8,9 @@ A task is a module that defines
 * ``train(config, run_dir, *, command=None) -> dict``: trains, writes the run directory, returns
   the results;
 * ``evaluate(run_dir, split) -> dict``: evaluates a run's best checkpoint on a split;
-* ``predict(run_dir, input_path, output_path=None) -> Path``: predictions on new inputs.
+* ``predict(model, input_path, output_path=None) -> Path``: predictions on new inputs, where
+  ``model`` is a run directory (its best checkpoint), an artifact file (``segnn export``) or a
+  loaded :class:`segnn_jax.artifact.TrainedModel` (:func:`segnn_jax.artifact.load_trained`).
 
 Errors about the user's input derive from :class:`TaskInputError` (the command prints them without
 a traceback); configs errors are ``segnn_jax.training.ConfigError``.

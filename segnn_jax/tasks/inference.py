@@ -7,7 +7,8 @@ Used by :mod:`segnn_jax.artifact` (exporting and reloading trained models) and
   never depend on the graph, so it serves as the template to restore or initialise parameters
   without the task's data;
 * :func:`run_side_files`: the JSON files of a run directory that a prediction needs besides the
-  config and parameters (the training standardisation of QM9 and OC20);
+  config and parameters (the training standardisation of QM9 and OC20, the fitted constants of
+  a potential);
 * :func:`to_physical`: the model's raw output in the task's units;
 * :func:`split_outputs`: predictions and targets of a whole data split, in the task's units.
 
@@ -33,6 +34,7 @@ SIDE_FILES: Dict[str, tuple] = {
     "nbody": (),
     "qm9": ("qm9_standardisation.json",),
     "oc20": ("oc20_standardisation.json",),
+    "potential": ("potential_spec.json",),  # the fitted constants the network is built from
 }
 
 
@@ -90,10 +92,17 @@ def _oc20_example(cfg: Mapping[str, Any]) -> jraph.GraphsTuple:
     return _padded([oc20.system_graph(system, float(cfg["data"]["cutoff"]))])
 
 
+def _potential_example(cfg: Mapping[str, Any]) -> jraph.GraphsTuple:
+    from segnn_jax.tasks import potential
+
+    return potential.example_graph(float(cfg["data"]["cutoff"]))
+
+
 _EXAMPLES: Dict[str, Callable[[Mapping[str, Any]], jraph.GraphsTuple]] = {
     "nbody": _nbody_example,
     "qm9": _qm9_example,
     "oc20": _oc20_example,
+    "potential": _potential_example,
 }
 
 

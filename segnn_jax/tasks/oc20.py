@@ -1042,10 +1042,14 @@ def _read_run(run_dir: Path) -> Tuple[Dict[str, Any], Standardisation]:
     if not stats_path.is_file():
         raise FileNotFoundError(f"{run_dir}: {stats_path.name} (the training standardisation) "
                                 f"is missing")
-    raw = json.loads(stats_path.read_text())
-    return cfg, Standardisation(float(raw["mean"]), float(raw["std"]),
-                                tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]),
-                                tuple(float(e) for e in raw.get("element_energies", ())))
+    return cfg, _standardisation(json.loads(stats_path.read_text()))
+
+
+def _standardisation(raw: Mapping[str, Any]) -> Standardisation:
+    """The :class:`Standardisation` of its JSON (``oc20_standardisation.json``)."""
+    return Standardisation(float(raw["mean"]), float(raw["std"]),
+                           tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]),
+                           tuple(float(e) for e in raw.get("element_energies", ())))
 
 
 def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jraph.GraphsTuple):
@@ -1118,7 +1122,9 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     """Predicts adsorption energies of structures in ASE-readable files (best checkpoint).
 
     Args:
-        run_dir: a trained IS2RE run directory (or one fold of a cross-validation).
+        run_dir: a trained IS2RE run directory (or one fold of a cross-validation), an
+            artifact of one (``segnn export``), or a loaded
+            :class:`segnn_jax.artifact.TrainedModel`.
         input_path: a structure file (every frame is a system; cell and pbc as stored), or a list.
         output_path: the CSV to write; default ``<first input stem>_adsorption_energy.csv`` next
             to the first input.
@@ -1134,8 +1140,11 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     """
     from ase.data import chemical_symbols
 
+    from segnn_jax.artifact import load_trained
+
     paths = [input_path] if isinstance(input_path, (str, Path)) else list(input_path)
-    cfg, stats = _read_run(Path(run_dir))
+    trained = load_trained(run_dir, task="oc20")
+    cfg, stats = trained.config, _standardisation(trained.side_files[_STATS_FILE])
     systems = read_structures(paths)
     for system in systems:
         unknown = sorted({int(z) for z in system.atomic_numbers} - set(stats.elements))
@@ -1148,13 +1157,10 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
     loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size),
                          buckets=cfg["batch"]["buckets"])
-    model = make_model(cfg)
-    params, model_state, _ = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
-    apply = jax.jit(lambda p, st, g: model.apply(p, st, None, g, False)[0])
     # Without shuffling the loader keeps the input order; the real graphs of the batches,
     # concatenated, are the systems in order.
     standardised = np.concatenate([
-        np.asarray(apply(params, model_state, batch))[np.asarray(graph_mask(batch))]
+        trained.apply(batch)[np.asarray(graph_mask(batch))]
         for batch in loader.epoch_batches(0)]).astype(np.float64)
     energies = standardised * stats.std + stats.mean + np.asarray(
         [stats.reference(s) for s in systems])

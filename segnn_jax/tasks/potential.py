@@ -66,9 +66,11 @@ __all__ = [
     "fit_spec",
     "frame_graph",
     "load_frames",
+    "load_potential",
     "load_run",
     "make_loss_fn",
     "predict",
+    "restore_params",
     "split_frames",
     "train",
     "validate_config",
@@ -504,6 +506,43 @@ def load_run(run_dir: str | Path) -> LoadedPotential:
     return LoadedPotential(spec, model, params, model_state, cfg)
 
 
+def restore_params(cfg: dict[str, Any], run_dir: str | Path, example: jraph.GraphsTuple):
+    """``(params, model_state, step)`` of the best checkpoint of a run (what
+    :meth:`segnn_jax.artifact.TrainedModel.from_run`, i.e. ``segnn export``, restores through).
+
+    Raises:
+        FileNotFoundError: the run has no ``potential_spec.json``.
+    """
+    spec_path = Path(run_dir) / _SPEC_FILE
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a potential run directory: {_SPEC_FILE} is "
+                                f"missing")
+    spec = pot.PotentialSpec.from_json(json.loads(spec_path.read_text()))
+    return training.restore_best_params(pot.make_potential(spec).init, cfg["train"], run_dir,
+                                        example)
+
+
+def load_potential(source: Any) -> LoadedPotential:
+    """A trained potential from a run directory (:func:`load_run`), an artifact file
+    (``segnn export``) or a loaded :class:`segnn_jax.artifact.TrainedModel`.
+
+    Raises:
+        ArtifactError: an artifact of another task, or without the potential's spec.
+    """
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return load_run(source)
+    from segnn_jax.artifact import ArtifactError, load_trained
+
+    trained = load_trained(source, task="potential")
+    raw = trained.side_files.get(_SPEC_FILE)
+    if raw is None:
+        raise ArtifactError(f"{trained.info.get('artifact', 'the given model')}: no {_SPEC_FILE} "
+                            f"(the potential's fitted constants)")
+    spec = pot.PotentialSpec.from_json(raw)
+    return LoadedPotential(spec, pot.make_potential(spec), trained.params, trained.model_state,
+                           trained.config)
+
+
 def evaluate(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     """Evaluates the best checkpoint of a run on a whole split (``segnn evaluate``)."""
     if split not in SPLITS:
@@ -530,7 +569,8 @@ def predict(run_dir: str | Path, input_path: str | Path,
     """Energies and forces of every frame of an ASE-readable file, written as extxyz.
 
     Args:
-        run_dir: a trained potential run directory.
+        run_dir: a trained potential run directory, an artifact of one (``segnn export``), or
+            a loaded :class:`segnn_jax.artifact.TrainedModel`.
         input_path: any file ``ase.io.read`` understands (every frame a structure, cell and pbc
             as stored).
         output_path: default ``<input stem>_segnn.extxyz`` next to the input.
@@ -549,7 +589,9 @@ def predict(run_dir: str | Path, input_path: str | Path,
         frames = ase.io.read(str(input_path), index=":")
     except Exception as e:
         raise PotentialInputError(f"{input_path}: not a structure file ASE can read ({e})") from e
-    calculator = SEGNNCalculator.from_run(run_dir)
+    loaded = load_potential(run_dir)
+    calculator = SEGNNCalculator(loaded.spec, loaded.params, loaded.model_state,
+                                 model=loaded.model)
     out = []
     for k, atoms in enumerate(frames):
         try:
