@@ -102,10 +102,18 @@ def test_ema_tracks_parameters_and_step_counts():
     opt = _opt()
     state = _fresh_state(opt, graphs, ema=True)
     p0 = jax.tree.map(np.asarray, state.params)
-    new, _ = make_train_step(loss_fn, opt, ema_decay=0.9)(state, graphs)
+    step = make_train_step(loss_fn, opt, ema_decay=0.9, donate=False)
+    new, _ = step(state, graphs)
     assert int(new.step) == 1
+    # Warm-up: the first update averages with weight (1 + 0) / (10 + 0) = 0.1 on the old average.
     for e, p, q in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(p0),
                        jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(e, 0.1 * p + 0.9 * np.asarray(q), rtol=1e-5, atol=1e-7)
+    # Late in training the decay is ema_decay itself.
+    late = state._replace(step=jnp.asarray(1000, state.step.dtype))
+    later, _ = step(late, graphs)
+    for e, p, q in zip(jax.tree.leaves(later.ema_params), jax.tree.leaves(p0),
+                       jax.tree.leaves(later.params)):
         np.testing.assert_allclose(e, 0.9 * p + 0.1 * np.asarray(q), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="ema_params"):
         make_train_step(loss_fn, opt, ema_decay=0.9)(_fresh_state(opt, graphs), graphs)

@@ -176,8 +176,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         optimizer: an optax transformation.
         mesh: ``None`` for one device (``batch`` without device axis), or a :func:`data_mesh`, in
             which case the batch leaves are ``[D, ...]`` (host NumPy or already sharded).
-        ema_decay: if given, ``ema_params <- ema_decay * ema_params + (1 - ema_decay) * params``
-            after each update (the state must have been created with ``ema=True``).
+        ema_decay: if given, ``ema_params <- d * ema_params + (1 - d) * params`` after each update,
+            with ``d = min(ema_decay, (1 + t) / (10 + t))`` at step ``t`` (the state must have been
+            created with ``ema=True``). The warm-up keeps the average from being dominated by the
+            initial parameters for the first ~1/(1 - ema_decay) steps, when it is evaluated early.
         donate: donate the old state's buffers to the new one (saves memory; the old state is
             invalid after the call).
 
@@ -207,7 +209,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             if ema is None:
                 raise ValueError("ema_decay given but the TrainState has no ema_params; "
                                  "create it with init_train_state(..., ema=True)")
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            t = state.step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+            ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                               ema, params)
         new_state = TrainState(params, opt_state, new_model_state, state.step + 1,
                                state.rng, ema)
         out = dict(sums, loss_sum=loss_sum, grad_norm=grad_norm)
