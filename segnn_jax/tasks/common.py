@@ -8,9 +8,33 @@ import jraph
 
 from segnn_jax import training
 from segnn_jax.batching import BatchBudget, estimate_budget_from_sizes, graph_sizes
-from segnn_jax.training.config import ConfigError
+from segnn_jax.tasks import models
+from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
-__all__ = ["batch_budget", "positive_int"]
+__all__ = ["batch_budget", "positive_int", "task_sections"]
+
+
+def task_sections(config: Any, task: str, sections: Mapping[str, Mapping[str, Any]]
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The common start of every task's ``validate_config``.
+
+    Checks that ``config`` names no unknown option (against ``sections`` plus the shared ``model``
+    and ``train`` sections) and no other task, and fills in the defaults of ``sections``.
+
+    Returns:
+        ``(config as plain dicts, {section name: section with its defaults})``.
+
+    Raises:
+        ConfigError: an unknown option or another task, named by its dotted path.
+    """
+    config = to_dict(config) or {}
+    reference = {"task": task, **sections, "model": models.default_model_config(),
+                 "train": training.TRAIN_DEFAULTS}
+    check_known_options(config, reference)
+    if config.get("task", task) != task:
+        raise ConfigError(f"config.task: expected {task!r}, got {config['task']!r}")
+    return config, {name: dict(defaults, **(config.get(name) or {}))
+                    for name, defaults in sections.items()}
 
 
 def positive_int(section: Mapping[str, Any], key: str, name: str, *, optional: bool = False,

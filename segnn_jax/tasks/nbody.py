@@ -57,8 +57,8 @@ from segnn_jax.batching import GraphLoader
 from segnn_jax.datasets import nbody as nbody_data
 from segnn_jax.graph import edge_mask, node_graph_index, node_mask
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int
-from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.training.config import ConfigError
 
 __all__ = [
     "BATCH_DEFAULTS",
@@ -135,14 +135,11 @@ def validate_config(config: Any) -> Dict[str, Any]:
         ConfigError: an unknown option or an invalid value; the message starts with its dotted
             name (e.g. ``config.batch.batch_size``).
     """
-    config = to_dict(config) or {}
-    reference = {"task": "nbody", "data": DATA_DEFAULTS, "batch": BATCH_DEFAULTS,
-                 "model": models.default_model_config(), "train": training.TRAIN_DEFAULTS}
-    check_known_options(config, reference)
-    if config.get("task", "nbody") != "nbody":
-        raise ConfigError(f"config.task: expected 'nbody', got {config['task']!r}")
-    data = dict(DATA_DEFAULTS, **(config.get("data") or {}))
-    batch = dict(BATCH_DEFAULTS, **(config.get("batch") or {}))
+    config, sections = task_sections(config, "nbody", {
+        "data": DATA_DEFAULTS,
+        "batch": BATCH_DEFAULTS,
+    })
+    data, batch = sections["data"], sections["batch"]
     if data["dataset"] not in ("charged", "gravity"):
         raise ConfigError(f"config.data.dataset: expected 'charged' or 'gravity', "
                           f"got {data['dataset']!r}")

@@ -84,8 +84,8 @@ from segnn_jax.batching import (
 from segnn_jax.graph import edge_mask, graph_mask, make_graph
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int
-from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.training.config import ConfigError
 
 __all__ = [
     "BASELINE_DEFAULTS",
@@ -276,17 +276,15 @@ def validate_config(config: Any) -> Dict[str, Any]:
         ConfigError: an unknown option or an invalid value; the message starts with its dotted
             name (e.g. ``config.data.split``).
     """
-    config = to_dict(config) or {}
-    reference = {"task": "oc20", "data": DATA_DEFAULTS, "batch": BATCH_DEFAULTS,
-                 "embedding": EMBEDDING_DEFAULTS, "baseline": BASELINE_DEFAULTS,
-                 "model": models.default_model_config(), "train": training.TRAIN_DEFAULTS}
-    check_known_options(config, reference)
-    if config.get("task", "oc20") != "oc20":
-        raise ConfigError(f"config.task: expected 'oc20', got {config['task']!r}")
-    data = dict(DATA_DEFAULTS, **(config.get("data") or {}))
-    batch = dict(BATCH_DEFAULTS, **(config.get("batch") or {}))
-    embedding = dict(EMBEDDING_DEFAULTS, **(config.get("embedding") or {}))
-    baseline = dict(BASELINE_DEFAULTS, **(config.get("baseline") or {}))
+    config, sections = task_sections(config, "oc20", {
+        "data": DATA_DEFAULTS,
+        "batch": BATCH_DEFAULTS,
+        "embedding": EMBEDDING_DEFAULTS,
+        "baseline": BASELINE_DEFAULTS,
+    })
+    data, batch, embedding, baseline = (
+        sections["data"], sections["batch"],
+        sections["embedding"], sections["baseline"])
     if data["dataset"] not in _DATASETS:
         raise ConfigError(f"config.data.dataset: expected one of {_DATASETS}, "
                           f"got {data['dataset']!r}")

@@ -46,8 +46,8 @@ from segnn_jax import training
 from segnn_jax.batching import BatchBudget, GraphLoader, bucket_budgets
 from segnn_jax.graph import graph_mask, node_graph_index, node_mask, pad_graph
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int
-from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.training.config import ConfigError
 
 __all__ = [
     "BATCH_DEFAULTS",
@@ -161,17 +161,15 @@ def validate_config(config: Any) -> dict[str, Any]:
     Raises:
         ConfigError: an unknown option or an invalid value, named by its dotted path.
     """
-    config = to_dict(config) or {}
-    reference = {"task": "potential", "data": DATA_DEFAULTS, "batch": BATCH_DEFAULTS,
-                 "potential": POTENTIAL_DEFAULTS, "loss": LOSS_DEFAULTS,
-                 "model": models.default_model_config(), "train": training.TRAIN_DEFAULTS}
-    check_known_options(config, reference)
-    if config.get("task", "potential") != "potential":
-        raise ConfigError(f"config.task: expected 'potential', got {config['task']!r}")
-    data = dict(DATA_DEFAULTS, **(config.get("data") or {}))
-    batch = dict(BATCH_DEFAULTS, **(config.get("batch") or {}))
-    potential = dict(POTENTIAL_DEFAULTS, **(config.get("potential") or {}))
-    loss = dict(LOSS_DEFAULTS, **(config.get("loss") or {}))
+    config, sections = task_sections(config, "potential", {
+        "data": DATA_DEFAULTS,
+        "batch": BATCH_DEFAULTS,
+        "potential": POTENTIAL_DEFAULTS,
+        "loss": LOSS_DEFAULTS,
+    })
+    data, batch, potential, loss = (
+        sections["data"], sections["batch"],
+        sections["potential"], sections["loss"])
     if data["path"] is not None and not isinstance(data["path"], str):
         raise ConfigError(f"config.data.path: expected a path, got {data['path']!r}")
     _number(data, "cutoff", "config.data", low=0, inclusive=False)

@@ -60,8 +60,8 @@ from segnn_jax.batching import (
 from segnn_jax.datasets import qm9 as qm9_data
 from segnn_jax.graph import edge_mask, graph_mask
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int
-from segnn_jax.training.config import ConfigError, check_known_options, to_dict
+from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.training.config import ConfigError
 
 __all__ = [
     "BATCH_DEFAULTS",
@@ -152,14 +152,11 @@ def validate_config(config: Any) -> Dict[str, Any]:
         ConfigError: an unknown option or an invalid value; the message starts with its dotted
             name (e.g. ``config.data.target``).
     """
-    config = to_dict(config) or {}
-    reference = {"task": "qm9", "data": DATA_DEFAULTS, "batch": BATCH_DEFAULTS,
-                 "model": models.default_model_config(), "train": training.TRAIN_DEFAULTS}
-    check_known_options(config, reference)
-    if config.get("task", "qm9") != "qm9":
-        raise ConfigError(f"config.task: expected 'qm9', got {config['task']!r}")
-    data = dict(DATA_DEFAULTS, **(config.get("data") or {}))
-    batch = dict(BATCH_DEFAULTS, **(config.get("batch") or {}))
+    config, sections = task_sections(config, "qm9", {
+        "data": DATA_DEFAULTS,
+        "batch": BATCH_DEFAULTS,
+    })
+    data, batch = sections["data"], sections["batch"]
     if data["target"] not in qm9_data.TARGETS:
         raise ConfigError(f"config.data.target: expected one of {', '.join(qm9_data.TARGETS)}, "
                           f"got {data['target']!r}")
