@@ -82,7 +82,7 @@ def _int_option(config: Dict[str, Any], key: str, name: str, minimum: int) -> in
 
 
 def _row_tile_option(value: Any, name: str):
-    """``"auto"``, None (also ``"none"``) or a positive int (also as a digit string, from the CLI)."""
+    """``"auto"``, None (also ``"none"``) or a positive int (also a digit string, from the CLI)."""
     if isinstance(value, str):
         if value.lower() in ("auto", "none"):
             return None if value.lower() == "none" else "auto"
@@ -90,14 +90,15 @@ def _row_tile_option(value: Any, name: str):
             value = int(value)
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
-    raise ConfigError(f"{name}.row_tile: expected 'auto', 'none' or a positive integer, got {value!r}")
+    raise ConfigError(f"{name}.row_tile: expected 'auto', 'none' or a positive integer, "
+                      f"got {value!r}")
 
 
 def resolve_row_tile(row_tile: Any, backend: Optional[str] = None) -> Optional[int]:
     """The tile size a validated ``row_tile`` option means on ``backend`` (default: JAX's).
 
-    >>> resolve_row_tile("auto", "cpu"), resolve_row_tile("auto", "gpu"), resolve_row_tile(64, "gpu")
-    (256, None, 64)
+    >>> resolve_row_tile("auto", "cpu"), resolve_row_tile("auto", "gpu")
+    (256, None)
     """
     if row_tile != "auto":
         return row_tile
