@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument(
-        "--row-tile", default="auto", help="our tensor-product tile (see throughput.py --row-tile)"
+        "--row-tile", default="none", help="our tensor-product tile (see throughput.py --row-tile)"
     )
     parser.add_argument(
         "--scan-layers", action="store_true", help="our layers as one scanned body (QM9 config default)"

@@ -145,10 +145,10 @@ def cast_batch(arrays: dict, dtype: str) -> dict:
 
 
 def resolve_row_tile(option: str):
-    """The ``--row-tile`` option as the model config reads it ("auto": 256 on CPU, else one pass)."""
+    """The ``--row-tile`` option as the model config reads it ("none": one pass, or an integer)."""
     from segnn_jax.tasks import models
 
-    return models.resolve_row_tile(models.validate_model_config({"row_tile": option})["row_tile"])
+    return models.validate_model_config({"row_tile": option})["row_tile"]
 
 
 def _untiled_step_flops(arrays: dict, spec: dict, dtype: str):
@@ -160,7 +160,7 @@ def _untiled_step_flops(arrays: dict, spec: dict, dtype: str):
 
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
-            row_tile: str = "auto", scan_layers: bool = False) -> dict:
+            row_tile: str = "none", scan_layers: bool = False) -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
     record = {
@@ -261,8 +261,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument(
         "--row-tile",
-        default="auto",
-        help="rows per tensor-product tile: auto (256 on CPU, none elsewhere), none, or an integer",
+        default="none",
+        help="rows per tensor-product tile: none (one pass, the models' default) or an integer",
     )
     parser.add_argument(
         "--scan-layers", action="store_true",

@@ -47,7 +47,7 @@ class O3TensorProduct(hk.Module):
             moment at initialisation); see :func:`segnn_jax.tensor_product.init_bound`.
         row_tile: compute the product this many rows (edges, nodes) at a time, each tile
             rematerialised in the backward pass (:func:`segnn_jax.tensor_product.tiled_rows`):
-            much faster on memory-bound CPUs, None (one pass) on accelerators. Same function.
+            less memory, faster only where memory bandwidth is contended. Same function.
 
     >>> import jax, jax.numpy as jnp
     >>> f = hk.transform(lambda x, a: O3TensorProduct("4x0e+2x1o")(x, a))

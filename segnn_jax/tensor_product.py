@@ -289,9 +289,11 @@ def tiled_rows(fn, x1: Sequence[Segment], x2: Optional[e3nn.IrrepsArray],
     ``lax.scan`` whose body is ``jax.checkpoint``-ed, so the large per-row intermediates of a
     tensor product (coupled components, gathered features) exist for one tile at a time: they stay
     in the CPU caches, and the backward pass recomputes them tile by tile instead of storing them.
-    On a memory-bound CPU this is much faster than one pass over all rows (the QM9 message tensor
-    product, forward and backward, 556 -> 165 ms on the project's 2-core machine with 256-row
-    tiles); on accelerators it only costs parallelism, so it is off (``tile=None``) unless asked for. Gathered segments
+    This lowers peak memory, and it is faster where memory bandwidth is the bottleneck: on the
+    project's 2-core CPU shared with other jobs, the QM9 message tensor product (forward and
+    backward) fell from 556 to 165 ms with 256-row tiles. On the same CPU when quiet, and on
+    accelerators, one pass is faster (the scan costs parallelism), so it is off (``tile=None``)
+    unless asked for. Gathered segments
     ``(array, index)`` are gathered once and then tiled like the other rows.
 
     Falls back to ``fn(x1, x2)`` when ``tile`` is None, the rows fit in one tile, or an input is not

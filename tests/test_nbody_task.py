@@ -264,13 +264,12 @@ def test_create_model_builds_each_model_and_weight_balanced_irreps():
         models.create_model({"num_layer": 2}, output_irreps="1x1o")
 
 
-def test_row_tile_option_resolves_per_backend_and_rejects_bad_values():
-    for value, expected in (("auto", "auto"), ("none", None), (None, None), ("128", 128), (64, 64)):
+def test_row_tile_option_is_validated():
+    for value, expected in (("none", None), (None, None), ("128", 128), (64, 64)):
         assert models.validate_model_config({"row_tile": value})["row_tile"] == expected
-    assert models.resolve_row_tile("auto", "cpu") == models.CPU_ROW_TILE
-    assert models.resolve_row_tile("auto", "gpu") is None
+    assert models.validate_model_config({})["row_tile"] is None
     module = hk.transform(models.create_model({"row_tile": 32}, output_irreps="1x1o")).apply({}, None)
     assert module.row_tile == 32
-    for bad in (0, -3, True, "fast", 2.5):
+    for bad in (0, -3, True, "auto", 2.5):
         with pytest.raises(ConfigError, match=r"config\.model\.row_tile"):
             models.validate_model_config({"row_tile": bad})
