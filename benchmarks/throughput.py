@@ -187,12 +187,12 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
     record["graphs_per_s"] = record["graphs"] / (step_times["median_ms"] / 1e3)
     record["forward_graphs_per_s"] = record["graphs"] / (forward_times["median_ms"] / 1e3)
     record["flops_source"] = "XLA compiled.cost_analysis()['flops'] of the jitted training step"
-    if record["row_tile"] is not None:
-        # XLA counts a loop body once, so the tiled step's estimate misses most of its work: count
-        # the same function untiled, from its lowering (no compilation needed).
+    if record["row_tile"] is not None or scan_layers:
+        # XLA counts a loop body once, so a tiled or scanned step's estimate misses most of its
+        # work: count the same function unrolled and untiled, from its lowering (no compilation).
         step["flops"] = _untiled_step_flops(arrays, spec, dtype)
-        record["flops_source"] = ("XLA cost analysis of the lowered untiled training step (the "
-                                  "tiled step computes the same function)")
+        record["flops_source"] = ("XLA cost analysis of the lowered unrolled, untiled training "
+                                  "step (the same function)")
     if step["flops"] is not None:
         record["gflops_per_step"] = step["flops"] / 1e9
         record["gflops_forward"] = forward["flops"] / 1e9 if forward["flops"] is not None else None
