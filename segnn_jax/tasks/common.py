@@ -7,11 +7,12 @@ from typing import Any, Mapping, Sequence
 import jraph
 
 from segnn_jax import training
-from segnn_jax.batching import BatchBudget, estimate_budget_from_sizes, graph_sizes
+from segnn_jax.batching import (BatchBudget, bucket_budgets, estimate_budget_from_sizes,
+                                graph_sizes)
 from segnn_jax.tasks import models
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
-__all__ = ["batch_budget", "positive_int", "task_sections"]
+__all__ = ["batch_budget", "check_budget_options", "positive_int", "task_sections"]
 
 
 def task_sections(config: Any, task: str, sections: Mapping[str, Mapping[str, Any]]
@@ -35,6 +36,17 @@ def task_sections(config: Any, task: str, sections: Mapping[str, Mapping[str, An
         raise ConfigError(f"config.task: expected {task!r}, got {config['task']!r}")
     return config, {name: dict(defaults, **(config.get(name) or {}))
                     for name, defaults in sections.items()}
+
+
+def check_budget_options(batch: dict[str, Any]) -> None:
+    """Checks a batch section's ``max_nodes``/``max_edges`` and ``buckets``; stores the buckets as
+    a tuple of floats. Raises ConfigError naming the option."""
+    training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
+    try:
+        bucket_budgets(BatchBudget(100, 100, 2), batch["buckets"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.batch.buckets: {e}") from e
+    batch["buckets"] = tuple(float(f) for f in batch["buckets"])
 
 
 def positive_int(section: Mapping[str, Any], key: str, name: str, *, optional: bool = False,

@@ -76,15 +76,12 @@ from segnn_jax.attributes import (
     edge_vectors,
     node_attributes,
 )
-from segnn_jax.batching import (
-    BatchBudget,
-    GraphLoader,
-    bucket_budgets,
-)
+from segnn_jax.batching import GraphLoader
 from segnn_jax.graph import edge_mask, graph_mask, make_graph
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.tasks.common import (batch_budget, check_budget_options, positive_int,
+                                    task_sections)
 from segnn_jax.training.config import ConfigError
 
 __all__ = [
@@ -312,12 +309,7 @@ def validate_config(config: Any) -> Dict[str, Any]:
         positive_int(data, key, "config.data", optional=True)
     positive_int(batch, "batch_size", "config.batch", optional=False)
     positive_int(batch, "eval_batch_size", "config.batch", optional=True)
-    training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
-    try:
-        bucket_budgets(BatchBudget(100, 100, 2), batch["buckets"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.batch.buckets: {e}") from e
-    batch["buckets"] = tuple(float(f) for f in batch["buckets"])
+    check_budget_options(batch)
     positive_int(embedding, "dim", "config.embedding", optional=False)
     if not isinstance(embedding["element_features"], bool):
         raise ConfigError(f"config.embedding.element_features: expected true or false, got "

@@ -43,10 +43,11 @@ import numpy as np
 
 from segnn_jax import potential as pot
 from segnn_jax import training
-from segnn_jax.batching import BatchBudget, GraphLoader, bucket_budgets
+from segnn_jax.batching import GraphLoader
 from segnn_jax.graph import graph_mask, node_graph_index, node_mask, pad_graph
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.tasks.common import (batch_budget, check_budget_options, positive_int,
+                                    task_sections)
 from segnn_jax.training.config import ConfigError
 
 __all__ = [
@@ -186,12 +187,7 @@ def validate_config(config: Any) -> dict[str, Any]:
         _number(data, "max_force", "config.data", low=0, inclusive=False)
     positive_int(batch, "batch_size", "config.batch")
     positive_int(batch, "eval_batch_size", "config.batch", optional=True)
-    training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
-    try:
-        bucket_budgets(BatchBudget(100, 100, 2), batch["buckets"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.batch.buckets: {e}") from e
-    batch["buckets"] = tuple(float(f) for f in batch["buckets"])
+    check_budget_options(batch)
     if potential["head"] not in pot.HEADS:
         raise ConfigError(f"config.potential.head: expected one of {pot.HEADS}, got "
                           f"{potential['head']!r}")

@@ -52,15 +52,12 @@ from segnn_jax.attributes import (
     edge_vectors,
     node_attributes,
 )
-from segnn_jax.batching import (
-    BatchBudget,
-    GraphLoader,
-    bucket_budgets,
-)
+from segnn_jax.batching import GraphLoader
 from segnn_jax.datasets import qm9 as qm9_data
 from segnn_jax.graph import edge_mask, graph_mask
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
+from segnn_jax.tasks.common import (batch_budget, check_budget_options, positive_int,
+                                    task_sections)
 from segnn_jax.training.config import ConfigError
 
 __all__ = [
@@ -186,12 +183,7 @@ def validate_config(config: Any) -> Dict[str, Any]:
         positive_int(batch, key, "config.batch", optional=True)
     if batch["batch_size"] is None:
         raise ConfigError("config.batch.batch_size: expected a positive integer, got None")
-    training.check_budgets({k: batch[k] for k in ("max_nodes", "max_edges")}, {})
-    try:
-        bucket_budgets(BatchBudget(100, 100, 2), batch["buckets"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.batch.buckets: {e}") from e
-    batch["buckets"] = tuple(float(f) for f in batch["buckets"])
+    check_budget_options(batch)
     model = models.validate_model_config(dict(MODEL_DEFAULTS, **(config.get("model") or {})))
     if model["task"] != "graph":
         raise ConfigError(f"config.model.task: QM9 predicts one value per molecule, expected "
