@@ -24,6 +24,8 @@ def test_defaults_validate_and_configdict_is_accepted():
     ({"ema_decay": 1.0}, r"config\.train\.ema_decay: must be in \[0, 1\)"),
     ({"best_mode": "lowest"}, r"config\.train\.best_mode"),
     ({"keep_checkpoints": 0}, r"config\.train\.keep_checkpoints: must be > 0"),
+    ({"time_budget_s": 0}, r"config\.train\.time_budget_s: must be > 0"),
+    ({"time_budget_s": float("nan")}, r"config\.train\.time_budget_s: expected a finite number"),
 ])
 def test_invalid_values_name_the_option(section, message):
     with pytest.raises(ConfigError, match=message):

@@ -117,6 +117,48 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path):
     assert history("a") == history("b")  # events after the checkpoint were dropped, not doubled
 
 
+class _Clock:
+    """A fake ``time`` module for the loop: 10 s pass at every logged training step."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def tick(self, event, record):
+        if event == "train":
+            self.now += 10.0
+
+
+def test_time_budget_stops_mid_epoch_evaluates_and_resumes_exactly(tmp_path, monkeypatch):
+    from segnn_jax.training import loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    config = _config(log_every=1, time_budget_s=25.0)
+    stopped = fit(MODEL.init, loss_fn, train_batches, config=config, run_dir=tmp_path / "b",
+                  val_data=VAL, callbacks=[clock.tick])
+    # Steps start at 0, 10 and 20 s; the fourth would start at 30 s > 25 s: mid-epoch 0.
+    assert int(stopped.state.step) == 3 and stopped.best["step"] == 3
+    events = read_metrics(tmp_path / "b")
+    assert [e["step"] for e in events if e["event"] == "time_budget"] == [3]
+    assert events[-1]["stopped_by_time_budget"] and events[-1]["elapsed_s"] == 30.0
+    # The elapsed time is in the checkpoint: resuming with the same budget trains nothing more.
+    again = fit(MODEL.init, loss_fn, train_batches, config=config, run_dir=tmp_path / "b",
+                val_data=VAL, callbacks=[clock.tick])
+    assert int(again.state.step) == 3
+    # A larger budget continues from batch 3 of epoch 0 to the same parameters as a straight run.
+    monkeypatch.setattr(loop, "time", __import__("time"))
+    resumed = fit(MODEL.init, loss_fn, train_batches, config=_config(log_every=1),
+                  run_dir=tmp_path / "b", val_data=VAL)
+    straight = fit(MODEL.init, loss_fn, train_batches, config=_config(log_every=1),
+                   run_dir=tmp_path / "a", val_data=VAL)
+    assert int(resumed.state.step) == 12
+    for a, b in zip(_params(straight.state), _params(resumed.state)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def poisoned(epoch):
         return train_batches(epoch, poison_epoch=1)

@@ -42,6 +42,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "eval_with_ema": True,
     "tensorboard": True,
     "progress_bar": True,
+    "time_budget_s": None,
     "optimizer": dict(OPTIMIZER_DEFAULTS),
 }
 
@@ -131,6 +132,7 @@ def validate_train_config(config: Any, *, name: str = "config.train") -> Dict[st
     for key in ("num_epochs", "eval_every", "log_every", "keep_checkpoints"):
         _positive(full, key, name, integer=True)
     _positive(full, "checkpoint_every_steps", name, integer=True, allow_zero=True)
+    _positive(full, "time_budget_s", name)
     if full["best_mode"] not in ("min", "max"):
         raise ConfigError(f"{name}.best_mode: expected 'min' or 'max', got {full['best_mode']!r}")
     if full["ema_decay"] is not None and not 0.0 <= _number(full["ema_decay"],

@@ -14,6 +14,10 @@
 * resumes exactly: the data order must be a pure function of ``(seed, epoch)`` and the loop state
   (epoch, position in the epoch, step, best metric, metrics-file position) is in the checkpoint,
   so a killed run continues with the batches, PRNG keys and step count it would have had;
+* stops at a wall-clock budget (``time_budget_s``, summed over resumed attempts, compilation
+  and evaluations included): no step starts after it; the run then evaluates, checkpoints (a
+  resume with a larger budget continues from there) and reports as usual. The learning-rate
+  schedule still spans ``num_epochs``: size ``num_epochs`` to the budget when it matters;
 * stops on a non-finite training loss with :class:`NonFiniteLossError`, never saving a state that
   has seen it, so the last good checkpoint remains.
 
@@ -270,13 +274,14 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     ckpt = CheckpointManager(run.checkpoint_dir, keep=int(cfg["keep_checkpoints"]))
     # A full disk or a read-only directory must stop the run here, not at the first checkpoint.
     ckpt.check_writable(state)
-    start_epoch, start_batch, best = 0, 0, None
+    start_epoch, start_batch, best, elapsed_before = 0, 0, None, 0.0
     restored = ckpt.restore_latest(state) if resume else None
     if restored is not None:
         state, loop_state, ckpt_step = restored
         start_epoch = int(loop_state["epoch"])
         start_batch = int(loop_state["batch_in_epoch"])
         best = loop_state.get("best")
+        elapsed_before = float(loop_state.get("elapsed_s", 0.0))
         run.truncate_metrics(int(loop_state["metrics_lines"]))
         _log.info("resuming from step %d (epoch %d, batch %d)", ckpt_step, start_epoch, start_batch)
         emit("resume", {"step": ckpt_step, "epoch": start_epoch, "batch_in_epoch": start_batch})
@@ -301,6 +306,12 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
             bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
         except ImportError:
             bar = None
+
+    budget = cfg["time_budget_s"]
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
 
     pending: List[Tuple[int, int, Any]] = []  # (step, epoch, device sums) not yet read
     window = {"graphs": 0, "start": time.perf_counter()}
@@ -336,23 +347,29 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
 
     def save(epoch: int, batch_in_epoch: int, best_metric: Optional[float]) -> None:
         loop_state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-                      "best": best, "seed": int(cfg["seed"]),
+                      "best": best, "seed": int(cfg["seed"]), "elapsed_s": elapsed(),
                       # +1: the checkpoint event below is part of the history to keep.
                       "metrics_lines": run.num_metrics_lines() + 1}
         path = ckpt.save(state, step=step, loop_state=loop_state, best_metric=best_metric)
         emit("checkpoint", {"step": step, "epoch": epoch, "path": str(path),
                             "best": best_metric is not None})
 
+    out_of_time = False
     try:
         for epoch in range(start_epoch, num_epochs):
             skip = start_batch if epoch == start_epoch else 0
+            next_batch = skip
             # The host packs and transfers the next batches while the device computes.
             batches = prefetch(((_real_graphs(b), b) for b in _epoch_iter(train_data, epoch, skip)),
                                size=2, transfer=lambda item: (item[0], _to_device(item[1], mesh)))
             with batches:
                 for i, (n_graphs, batch) in enumerate(batches, start=skip):
+                    if budget is not None and elapsed() >= float(budget):
+                        out_of_time = True
+                        break
                     state, sums = compile_log.call("train_step", train_step, batch, state, batch)
                     step += 1
+                    next_batch = i + 1
                     pending.append((step, epoch, sums))
                     window["graphs"] += n_graphs or 0
                     if bar is not None:
@@ -364,8 +381,14 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
                         flush(epoch)
                         save(epoch, i + 1, None)
             flush(epoch)
+            epoch_done = not out_of_time
+            trained_this_epoch = next_batch > skip
+            if out_of_time:
+                emit("time_budget", {"step": step, "epoch": epoch, "elapsed_s": elapsed(),
+                                     "time_budget_s": float(budget)})
             best_metric = None
-            is_eval = (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 == num_epochs
+            is_eval = ((epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 == num_epochs
+                       or (out_of_time and trained_this_epoch))
             if is_eval and (val_data is not None or test_data is not None):
                 params = state.ema_params if ema and cfg["eval_with_ema"] else state.params
                 last_eval = {}
@@ -384,7 +407,12 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
                                   cfg["best_mode"]):
                         best = {"metric": value, "epoch": epoch, "step": step, **last_eval}
                         best_metric = value
-            save(epoch + 1, 0, best_metric)
+            if epoch_done:
+                save(epoch + 1, 0, best_metric)
+            elif trained_this_epoch:
+                save(epoch, next_batch, best_metric)
+            if out_of_time:
+                break
     except BaseException:
         run.close()
         raise
@@ -407,7 +435,8 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     print(f"\nrun {run.path}: {step} steps, {len(compiles)} compilations"
           + (f", best validation {cfg['best_metric']}={best['metric']:.5g} at epoch "
              f"{best['epoch']}" if best else "") + "\n" + table)
-    emit("summary", {"step": step, "best": best, "last_eval": last_eval})
+    emit("summary", {"step": step, "best": best, "last_eval": last_eval, "elapsed_s": elapsed(),
+                     "stopped_by_time_budget": out_of_time})
     run.close()
     return FitResult(state=state, best=best, last_eval=last_eval,
                      compilations=list(compile_log.seen.values()), run_dir=run.path)
