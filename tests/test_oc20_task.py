@@ -169,6 +169,38 @@ def test_composition_baseline_recovers_additive_energies():
     np.testing.assert_allclose(means, [np.mean([s.energy for s in systems])])
 
 
+def _adsorbate_systems():
+    """Cu slabs under additive adsorbate energies (H 0.5, O -1.0 eV per atom) plus a site term;
+    the slab's size varies and must not matter."""
+    base = _slab_system()
+    systems = []
+    for k, (ads, n_o, n_h) in enumerate([("OH", 1, 1), ("H2O", 1, 2), ("O2", 2, 0)] * 4):
+        numbers = np.array([29] * (10 + k % 3) + [8] * n_o + [1] * n_h)
+        tags = np.array([1] * (10 + k % 3) + [2] * (n_o + n_h))
+        energy = -1.0 * n_o + 0.5 * n_h + 0.01 * np.sin(k)
+        systems.append(base._replace(atomic_numbers=numbers, tags=tags, adsorbate=ads,
+                                     energy=energy))
+    return systems
+
+
+def test_adsorbate_reference_and_baseline_carry_over_to_an_unseen_adsorbate():
+    systems = _adsorbate_systems()
+    h2 = systems[0]._replace(atomic_numbers=np.array([29] * 10 + [1, 1]),
+                             tags=np.array([1] * 10 + [2, 2]), adsorbate="H2", energy=1.0)
+    stats = oc20.standardise(systems, "EMT", reference="adsorbate", ridge_alpha=1e-8)
+    assert stats.reference_atoms == "adsorbate"
+    energy = dict(zip(stats.elements, stats.element_energies))
+    assert energy[1] == pytest.approx(0.5, abs=0.02) and energy[8] == pytest.approx(-1.0, abs=0.02)
+    assert energy[29] == 0.0  # slab atoms are never counted
+    assert stats.reference(h2) + stats.mean == pytest.approx(1.0, abs=0.05)
+    assert oc20._standardisation(stats.to_json()) == stats
+    # The baseline on adsorbate-atom counts predicts the unseen H2; the one-hot ridge cannot.
+    adsorbate_ridge = oc20.AdsorbateCompositionBaseline(alpha=1e-8).fit(systems)
+    assert adsorbate_ridge.predict([h2])[0] == pytest.approx(1.0, abs=0.05)
+    everything = oc20.standardise(systems, "EMT", reference="composition", ridge_alpha=1e-8)
+    assert everything.reference_atoms == "all"
+
+
 def test_composition_reference_standardisation():
     """Per-element reference energies: fitted on training, subtracted before standardising, added
     back by the reference; an element never seen in training contributes 0."""
@@ -279,7 +311,8 @@ def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
     for split in ("valid", "test"):
         assert 0 <= results[split]["ewt"] <= 1 and np.isfinite(results[split]["mae_ev"])
         assert results[split]["count"] == results[f"n_{split}"]
-        for baseline in ("composition_ridge", "adsorbate_mean", "train_mean"):
+        for baseline in ("composition_ridge", "adsorbate_composition_ridge", "adsorbate_mean",
+                         "train_mean"):
             assert np.isfinite(results["baselines"][baseline][split]["mae_ev"])
     assert json.loads((run_dir / "results.json").read_text())["test"] == results["test"]
     evaluated = oc20.evaluate(run_dir, "test")

@@ -138,7 +138,8 @@ def to_physical(task: str, outputs: np.ndarray, side_files: Mapping[str, Any]) -
     """Raw model outputs in the task's units (float64).
 
     N-body: positions, unchanged. QM9: ``z * mad + mean`` of the learnt target (an atomisation
-    energy when the run used atom references). OC20: ``z * std + mean`` (eV).
+    energy when the run used atom references). OC20: ``z * std + mean`` (eV; the residual
+    after the per-element reference when the run used ``data.energy_reference``).
     """
     outputs = np.asarray(outputs, np.float64)
     if task == "nbody":

@@ -23,7 +23,11 @@ loss is the L1 error of the standardised value. Optionally (``data.energy_refere
 "composition"``; default ``"none"``, the author's recipe) a per-element reference energy is
 subtracted first, ``y - sum_z n_z e_z``, with ``e_z`` fitted by ridge regression of the training
 energies on the element counts (the "atomref" of SchNet-style models, a function of the structure
-only); the network then learns the residual and predictions add the reference back. Evaluation returns sums over the whole split:
+only); the network then learns the residual and predictions add the reference back.
+``"adsorbate"`` counts only the adsorbate atoms (tag 2): the target is already referenced to the
+clean slab and the gas-phase molecules, so it is the adsorbate's atoms whose per-element energies
+carry over to an adsorbate never seen in training (OOD-ads), and no metal gets a per-element term
+that a held-out metal would lack (OOD-cat). Evaluation returns sums over the whole split:
 ``mae`` (eV) and ``ewt``, OC20's "energy within threshold", the fraction of systems with
 ``|error| < 0.02 eV``.
 
@@ -182,7 +186,7 @@ MODEL_DEFAULTS: Dict[str, Any] = dict(
 SPLITS = ("train", "valid", "test")
 _DATASETS = ("is2re", "xu_kitchin")
 _SPLIT_CHOICES = ("id", "ood_ads", "ood_cat")
-_REFERENCE_CHOICES = ("none", "composition")
+_REFERENCE_CHOICES = ("none", "composition", "adsorbate")
 _SPLIT_LIMIT = {"train": "n_train", "valid": "n_valid", "test": "n_test"}
 _STATS_FILE = "oc20_standardisation.json"
 _XK_FILES = ("xu_kitchin_2014_structures.json", "xu_kitchin_2014_energies.json")
@@ -230,9 +234,9 @@ class System(NamedTuple):
 class Standardisation(NamedTuple):
     """``z = (y - reference - mean) / std`` of the target over the training systems (eV, float64).
 
-    ``reference = sum_z n_z element_energies[z]`` over the atoms of the system, with
-    ``element_energies`` aligned with ``elements``; empty (no reference) by default. Elements not
-    in ``elements`` contribute 0.
+    ``reference = sum_z n_z element_energies[z]`` over the atoms of the system (only its adsorbate
+    atoms, tag 2, when ``reference_atoms == "adsorbate"``), with ``element_energies`` aligned with
+    ``elements``; empty (no reference) by default. Elements not in ``elements`` contribute 0.
     """
 
     mean: float
@@ -240,18 +244,27 @@ class Standardisation(NamedTuple):
     elements: Tuple[int, ...]
     level_of_theory: str
     element_energies: tuple[float, ...] = ()
+    reference_atoms: str = "all"
 
     def reference(self, system: System) -> float:
         """The reference energy (eV) of ``system``; 0 without a reference."""
         if not self.element_energies:
             return 0.0
         energy = dict(zip(self.elements, self.element_energies))
-        return float(sum(energy.get(int(z), 0.0) for z in system.atomic_numbers))
+        return float(sum(energy.get(int(z), 0.0)
+                         for z in _reference_numbers(system, self.reference_atoms)))
 
     def to_json(self) -> Dict[str, Any]:
         return {"mean": self.mean, "std": self.std, "elements": list(self.elements),
                 "level_of_theory": self.level_of_theory,
-                "element_energies": list(self.element_energies)}
+                "element_energies": list(self.element_energies),
+                "reference_atoms": self.reference_atoms}
+
+
+def _reference_numbers(system: System, atoms: str) -> np.ndarray:
+    """The atomic numbers a per-element reference counts: all atoms, or the adsorbate's (tag 2)."""
+    numbers = np.asarray(system.atomic_numbers)
+    return numbers[np.asarray(system.tags) == 2] if atoms == "adsorbate" else numbers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -738,6 +751,30 @@ class CompositionBaseline:
         return self.features(systems) @ self.weights + self.bias
 
 
+class AdsorbateCompositionBaseline(CompositionBaseline):
+    """Ridge regression on the element counts of the adsorbate atoms (tag 2) alone.
+
+    No adsorbate identity and no metal: the additive per-element model that carries over to an
+    unseen adsorbate made of known elements (e.g. H and O from CH2, H2O, CO in training).
+    """
+
+    def features(self, systems: Sequence[System]) -> np.ndarray:
+        """``[M, n_elements]`` float64."""
+        element_index = {z: k for k, z in enumerate(self.elements)}
+        out = np.zeros((len(systems), len(self.elements)))
+        for m, system in enumerate(systems):
+            for z in _reference_numbers(system, "adsorbate"):
+                if int(z) in element_index:
+                    out[m, element_index[int(z)]] += 1
+        return out
+
+    def fit(self, systems: Sequence[System]) -> "AdsorbateCompositionBaseline":
+        self.elements = sorted({int(z) for s in systems for z in _reference_numbers(s, "adsorbate")})
+        self.weights, self.bias = ridge_fit(self.features(systems),
+                                            np.asarray([s.energy for s in systems]), self.alpha)
+        return self
+
+
 def adsorbate_mean_baseline(train: Sequence[System], test: Sequence[System]) -> np.ndarray:
     """Predicts each test system's energy as the training mean of its adsorbate (global mean for
     an adsorbate not in training). Returns ``[len(test)]``."""
@@ -752,12 +789,15 @@ def adsorbate_mean_baseline(train: Sequence[System], test: Sequence[System]) -> 
 def _baselines(cfg: Dict[str, Any], train: Sequence[System],
                evaluated: Mapping[str, Sequence[System]]) -> Dict[str, Dict[str, Any]]:
     composition = CompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
+    adsorbate_composition = AdsorbateCompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
     mean = float(np.mean([s.energy for s in train]))
-    out: Dict[str, Dict[str, Any]] = {"composition_ridge": {}, "adsorbate_mean": {},
-                                      "train_mean": {}}
+    out: Dict[str, Dict[str, Any]] = {"composition_ridge": {}, "adsorbate_composition_ridge": {},
+                                      "adsorbate_mean": {}, "train_mean": {}}
     for split, systems in evaluated.items():
         target = np.asarray([s.energy for s in systems])
         out["composition_ridge"][split] = energy_metrics(composition.predict(systems), target)
+        out["adsorbate_composition_ridge"][split] = energy_metrics(
+            adsorbate_composition.predict(systems), target)
         out["adsorbate_mean"][split] = energy_metrics(adsorbate_mean_baseline(train, systems),
                                                       target)
         out["train_mean"][split] = energy_metrics(np.full(len(systems), mean), target)
@@ -777,7 +817,8 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
         level_of_theory: recorded with the statistics.
         reference: ``"none"``, or ``"composition"``: first subtract per-element energies fitted
             by ridge regression (``ridge_alpha``) of the training energies on the element counts;
-            mean and std are then those of the residuals.
+            mean and std are then those of the residuals; ``"adsorbate"``: the same on the counts
+            of the adsorbate atoms (tag 2) only.
         ridge_alpha: the ridge penalty of the reference fit.
     """
     if reference not in _REFERENCE_CHOICES:
@@ -785,11 +826,12 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
     energies = np.asarray([s.energy for s in train], np.float64)
     elements = tuple(sorted({int(z) for s in train for z in s.atomic_numbers}))
     element_energies: tuple[float, ...] = ()
-    if reference == "composition":
+    atoms = "adsorbate" if reference == "adsorbate" else "all"
+    if reference != "none":
         column = {z: k for k, z in enumerate(elements)}
         counts = np.zeros((len(train), len(elements)))
         for m, system in enumerate(train):
-            for z in system.atomic_numbers:
+            for z in _reference_numbers(system, atoms):
                 counts[m, column[int(z)]] += 1
         # The intercept is left to the mean below, so that the reference is purely per element.
         weights, _ = ridge_fit(counts, energies, ridge_alpha)
@@ -799,7 +841,7 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
     if not std > 0:
         raise OC20DataError(f"the {len(train)} training energies are constant; cannot standardise")
     return Standardisation(float(np.mean(energies)), std, elements, level_of_theory,
-                           element_energies)
+                           element_energies, atoms)
 
 
 def standardised_target(system: System, stats: Standardisation) -> float:
@@ -1039,7 +1081,8 @@ def _standardisation(raw: Mapping[str, Any]) -> Standardisation:
     """The :class:`Standardisation` of its JSON (``oc20_standardisation.json``)."""
     return Standardisation(float(raw["mean"]), float(raw["std"]),
                            tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]),
-                           tuple(float(e) for e in raw.get("element_energies", ())))
+                           tuple(float(e) for e in raw.get("element_energies", ())),
+                           str(raw.get("reference_atoms", "all")))
 
 
 def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jraph.GraphsTuple):
