@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from segnn_jax import tensor_product as tp
+from segnn_jax.tensor_product_cue import product_function
 
 __all__ = ["O3TensorProduct", "O3TensorProductGate", "gate", "gate_irreps"]
 
@@ -48,6 +49,9 @@ class O3TensorProduct(hk.Module):
         row_tile: compute the product this many rows (edges, nodes) at a time, each tile
             rematerialised in the backward pass (:func:`segnn_jax.tensor_product.tiled_rows`):
             less memory, faster only where memory bandwidth is contended. Same function.
+        backend: ``"e3nn"`` (the default, :func:`segnn_jax.tensor_product.tensor_product`) or
+            ``"cuequivariance"`` (:mod:`segnn_jax.tensor_product_cue`, needs cuequivariance-jax):
+            the same function and the same parameters.
 
     >>> import jax, jax.numpy as jnp
     >>> f = hk.transform(lambda x, a: O3TensorProduct("4x0e+2x1o")(x, a))
@@ -59,11 +63,14 @@ class O3TensorProduct(hk.Module):
     """
 
     def __init__(self, irreps_out, *, biases: bool = True, weight_init: str = "reference",
+                 backend: str = "e3nn",
                  row_tile: Optional[int] = None, name: Optional[str] = None):
         super().__init__(name=name)
         self.irreps_out = e3nn.Irreps(irreps_out)
         self.biases = biases
         self.weight_init = weight_init
+        self.backend = backend
+        self.product_fn = product_function(backend)  # checks the name, imports lazily
         self.row_tile = _check_row_tile(row_tile)
 
     def __call__(self, x1: Inputs, x2: Optional[e3nn.IrrepsArray] = None,
@@ -89,7 +96,7 @@ class O3TensorProduct(hk.Module):
             bias = hk.get_parameter("b", (n_scalars,), dtype, hk.initializers.Constant(0.0))
 
         def rows(segments, x2):
-            out = tp.tensor_product(spec, weights, segments, x2)
+            out = self.product_fn(spec, weights, segments, x2)
             if bias is not None:
                 out = _add_scalar_biases(out, bias)
             return out if epilogue is None else epilogue(out)
@@ -180,11 +187,13 @@ class O3TensorProductGate(hk.Module):
     """
 
     def __init__(self, irreps_out, *, biases: bool = True, weight_init: str = "reference",
+                 backend: str = "e3nn",
                  row_tile: Optional[int] = None, name: Optional[str] = None):
         super().__init__(name=name)
         self.irreps_out = e3nn.Irreps(irreps_out).regroup()
         self.product = O3TensorProduct(gate_irreps(self.irreps_out), biases=biases,
                                        weight_init=weight_init, row_tile=row_tile,
+                                       backend=backend,
                                        name="tensor_product")
 
     def __call__(self, x1: Inputs, x2: Optional[e3nn.IrrepsArray] = None) -> e3nn.IrrepsArray:

@@ -22,6 +22,9 @@ The section (see :func:`default_model_config`)::
                      whose memory bandwidth is shared with other jobs; on a quiet CPU one pass is
                      faster (QM9 1.64 s vs 2.02 s per step). Parameters and results do not depend
                      on it.
+    backend          "e3nn" (the default: segnn_jax.tensor_product, pure JAX) | "cuequivariance"
+                     (NVIDIA's cuequivariance-jax runs the same tensor products, same parameters:
+                     pip install 'segnn[cuequivariance]'; see segnn_jax.tensor_product_cue)
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
 them to :func:`create_model`.
@@ -36,6 +39,7 @@ import haiku as hk
 
 from segnn_jax.irreps import weight_balanced_irreps
 from segnn_jax.segnn import SEGNN, SEConv
+from segnn_jax.tensor_product_cue import BACKENDS
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
 __all__ = ["MODEL_NAMES", "attribute_irreps", "create_model", "default_model_config",
@@ -56,6 +60,7 @@ _DEFAULTS: Dict[str, Any] = {
     "weight_init": "reference",
     "scan_layers": False,
     "row_tile": None,
+    "backend": "e3nn",
 }
 
 _CHOICES = {
@@ -64,6 +69,7 @@ _CHOICES = {
     "pool": ("avg", "sum"),
     "task": ("node", "graph"),
     "weight_init": ("reference", "unit"),
+    "backend": BACKENDS,
 }
 
 
@@ -164,6 +170,7 @@ def create_model(model_config: Any, *, output_irreps) -> Callable[[], hk.Module]
     output_irreps = e3nn.Irreps(output_irreps)
     common = dict(task=cfg["task"], pool=cfg["pool"], norm=cfg["norm"],
                   weight_init=cfg["weight_init"], scan_layers=cfg["scan_layers"],
+                  backend=cfg["backend"],
                   row_tile=cfg["row_tile"])
 
     def factory() -> hk.Module:
