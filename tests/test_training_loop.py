@@ -141,6 +141,7 @@ def test_time_budget_stops_mid_epoch_evaluates_and_resumes_exactly(tmp_path, mon
                   val_data=VAL, callbacks=[clock.tick])
     # Steps start at 0, 10 and 20 s; the fourth would start at 30 s > 25 s: mid-epoch 0.
     assert int(stopped.state.step) == 3 and stopped.best["step"] == 3
+    assert stopped.stopped_by_time_budget and stopped.elapsed_s == 30.0
     events = read_metrics(tmp_path / "b")
     assert [e["step"] for e in events if e["event"] == "time_budget"] == [3]
     assert events[-1]["stopped_by_time_budget"] and events[-1]["elapsed_s"] == 30.0

@@ -85,6 +85,8 @@ class FitResult:
         last_eval: metrics of the last evaluation, ``{split: metrics}``.
         compilations: one ``{"fn", "shapes", "seconds"}`` per compilation seen by this process.
         run_dir: the run directory.
+        stopped_by_time_budget: the run ended at ``time_budget_s`` before ``num_epochs``.
+        elapsed_s: wall-clock seconds of training, summed over resumed attempts.
     """
 
     state: TrainState
@@ -92,6 +94,8 @@ class FitResult:
     last_eval: Dict[str, Dict[str, float]]
     compilations: List[Dict[str, Any]]
     run_dir: Path
+    stopped_by_time_budget: bool = False
+    elapsed_s: float = 0.0
 
 
 def _epoch_iter(data: Any, epoch: int, start: int) -> Iterable[Any]:
@@ -439,4 +443,5 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
                      "stopped_by_time_budget": out_of_time})
     run.close()
     return FitResult(state=state, best=best, last_eval=last_eval,
-                     compilations=list(compile_log.seen.values()), run_dir=run.path)
+                     compilations=list(compile_log.seen.values()), run_dir=run.path,
+                     stopped_by_time_budget=out_of_time, elapsed_s=elapsed())
