@@ -26,6 +26,7 @@ PACKAGES = (
     "numpy",
     "segnn-jax",
     "segnn",
+    "cuequivariance-jax",
 )
 
 

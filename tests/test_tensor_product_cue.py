@@ -154,3 +154,11 @@ def test_missing_package_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"segnn\[cuequivariance\]"):
         tpc.product_function("cuequivariance")
     assert tpc.product_function("e3nn") is tp.tensor_product
+
+
+def test_backend_benchmark_runs(cue):
+    from benchmarks import backends_ab
+
+    record = backends_ab.compare("nbody", repeats=1)
+    assert set(record["median_ms"]) == set(tpc.BACKENDS)
+    assert all(t > 0 for t in record["median_ms"].values())
