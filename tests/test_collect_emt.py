@@ -1,0 +1,66 @@
+"""experiments/oc20/collect_emt.py: the OC20-EMT results file from finished run directories."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "oc20" / "collect_emt.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("collect_emt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(run_dir: Path, split: str, segnn_mae: float, baselines: dict) -> None:
+    run_dir.mkdir(parents=True)
+    metric = {"mae_ev": segnn_mae, "ewt": 0.5, "count": 10}
+    results = {
+        "split": split, "test": metric, "valid": metric, "n_train": 80, "n_valid": 10,
+        "n_test": 10, "groups": None, "best_epoch": 2, "epochs": 2, "num_parameters": 100,
+        "standardisation": {}, "wall_time_s": 1.0, "command": "segnn train ...",
+        "git_revision": "abc",
+        "baselines": {name: {"test": {"mae_ev": mae, "ewt": 0.1},
+                             "valid": {"mae_ev": mae, "ewt": 0.1}}
+                      for name, mae in baselines.items()},
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / "config.json").write_text(json.dumps({"data": {"energy_reference": "adsorbate"},
+                                                     "embedding": {}}))
+    events = [{"event": "train", "step": 5 * (e + 1), "epoch": e, "mae": 0.3} for e in range(2)]
+    events += [{"event": "eval", "split": s, "epoch": e, "mae": 0.2} for e in range(2)
+               for s in ("val", "test")]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+
+
+def test_collects_the_splits_and_names_the_strongest_baseline(tmp_path, capsys):
+    baselines = {"composition_ridge": 0.2, "adsorbate_composition_ridge": 0.08,
+                 "adsorbate_mean": 0.1, "train_mean": 0.4}
+    for split in ("id", "ood_ads"):
+        _fake_run(tmp_path / "runs" / f"{split}_x", split, 0.04, baselines)
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "oc20_emt.json"
+    code = _load_script().main(["--runs", str(tmp_path / "runs"), "--suffix", "_x",
+                                "--data", str(data), "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["missing"] == ["ood_cat"] and set(results["splits"]) == {"id", "ood_ads"}
+    summary = results["splits"]["ood_ads"]
+    assert summary["best_baseline"] == "adsorbate_composition_ridge"
+    assert summary["best_baseline_over_segnn"] == pytest.approx(2.0)
+    assert summary["energy_reference"] == "adsorbate"
+    assert (tmp_path / "oc20_emt.png").is_file()
+    assert "(2.00x SEGNN)" in capsys.readouterr().out
+
+
+def test_no_finished_run_is_an_error(tmp_path):
+    (tmp_path / "runs").mkdir()
+    assert _load_script().main(["--runs", str(tmp_path / "runs"), "--data", str(tmp_path),
+                                "--out", str(tmp_path / "x.json")]) == 1
