@@ -16,6 +16,9 @@ Usage::
 
 The training step is a real one: Adam update of all parameters on an MSE (N-body) or L1 (QM9, OC20)
 loss via ``jax.value_and_grad``, jitted as a whole.
+
+``--backend cuequivariance`` times the same model with NVIDIA's cuequivariance-jax running the
+tensor products (``segnn_jax.tensor_product_cue``; same parameters and function).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ DTYPES = ("float32", "float64", "bfloat16")
 
 def build_ours(
     arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None,
+    backend: str = "e3nn",
     scan_layers: bool = False,
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
@@ -56,6 +60,7 @@ def build_ours(
         seed: of the parameter initialisation.
         row_tile: rows per tile of every tensor product (None: one pass), see ``SEGNN``.
         scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
+        backend: the tensor-product backend, ``"e3nn"`` or ``"cuequivariance"``, see ``SEGNN``.
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -117,6 +122,7 @@ def build_ours(
             norm=spec["norm"],
             row_tile=row_tile,
             scan_layers=scan_layers,
+            backend=backend,
         )
         return network(st_graph, is_training).array
 
@@ -160,7 +166,8 @@ def _untiled_step_flops(arrays: dict, spec: dict, dtype: str):
 
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
-            row_tile: str = "none", scan_layers: bool = False) -> dict:
+            row_tile: str = "none", scan_layers: bool = False,
+            backend: str = "e3nn") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
     record = {
@@ -171,8 +178,10 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "graphs": len(arrays["n_node"]),
         "row_tile": resolve_row_tile(row_tile),
         "scan_layers": scan_layers,
+        "tensor_product_backend": backend,
     }
-    bench = build_ours(arrays, spec, dtype, row_tile=record["row_tile"], scan_layers=scan_layers)
+    bench = build_ours(arrays, spec, dtype, backend=backend,
+                       row_tile=record["row_tile"], scan_layers=scan_layers)
     record["params"] = bench.n_params
     forward = bench.compile("forward")
     step = bench.compile("train_step")
@@ -211,13 +220,15 @@ def _child(args) -> None:
     record = measure(
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
         args.row_tile, args.scan_layers,
+        backend=args.backend,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
 
 def _serve(args) -> None:
     arrays, spec = inputs.load(Path(args.serve))
-    common.serve(build_ours(arrays, spec, args.dtype, row_tile=resolve_row_tile(args.row_tile),
+    common.serve(build_ours(arrays, spec, args.dtype, backend=args.backend,
+                            row_tile=resolve_row_tile(args.row_tile),
                             scan_layers=args.scan_layers))
 
 
@@ -268,6 +279,10 @@ def main(argv=None) -> dict:
         "--scan-layers", action="store_true",
         help="one scanned layer body over stacked parameters (the QM9 config's default)",
     )
+    parser.add_argument(
+        "--backend", default="e3nn",
+        help="tensor-product backend: e3nn (the default) or cuequivariance (cuequivariance-jax)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--update",
@@ -284,6 +299,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--matmul", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from segnn_jax.tensor_product_cue import check_backend
+
+    check_backend(args.backend)  # a typo fails here, not in every configuration
     if args.child:
         _child(args)
         return {}
@@ -300,6 +318,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "row_tile": args.row_tile,
         "scan_layers": args.scan_layers,
+        "tensor_product_backend": args.backend,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -324,6 +343,7 @@ def main(argv=None) -> dict:
                 record = measure(
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
                     args.row_tile, args.scan_layers,
+                    backend=args.backend,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -344,6 +364,8 @@ def main(argv=None) -> dict:
                         "--row-tile",
                         args.row_tile,
                         *(["--scan-layers"] if args.scan_layers else []),
+                        "--backend",
+                        args.backend,
                         "--matmul",
                         json.dumps(result["matmul_float32"]),
                     ]
