@@ -192,6 +192,10 @@ def test_adsorbate_reference_and_baseline_carry_over_to_an_unseen_adsorbate():
     energy = dict(zip(stats.elements, stats.element_energies))
     assert energy[1] == pytest.approx(0.5, abs=0.02) and energy[8] == pytest.approx(-1.0, abs=0.02)
     assert energy[29] == 0.0  # slab atoms are never counted
+    # Without an intercept the fit gives exactly 0 for an adsorbate of no atoms.
+    x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    w, b = oc20.ridge_fit(x, x @ [0.5, -1.0] + 0.3, 0.0, intercept=False)
+    assert b == 0.0 and not np.allclose(w, [0.5, -1.0])  # the constant cannot hide in b
     assert stats.reference(h2) + stats.mean == pytest.approx(1.0, abs=0.05)
     assert oc20._standardisation(stats.to_json()) == stats
     # The baseline on adsorbate-atom counts predicts the unseen H2; the one-hot ridge cannot.

@@ -24,10 +24,10 @@ loss is the L1 error of the standardised value. Optionally (``data.energy_refere
 subtracted first, ``y - sum_z n_z e_z``, with ``e_z`` fitted by ridge regression of the training
 energies on the element counts (the "atomref" of SchNet-style models, a function of the structure
 only); the network then learns the residual and predictions add the reference back.
-``"adsorbate"`` counts only the adsorbate atoms (tag 2): the target is already referenced to the
-clean slab and the gas-phase molecules, so it is the adsorbate's atoms whose per-element energies
-carry over to an adsorbate never seen in training (OOD-ads), and no metal gets a per-element term
-that a held-out metal would lack (OOD-cat). Evaluation returns sums over the whole split:
+``"adsorbate"`` counts only the adsorbate atoms (tag 2), fitted without an intercept: the target is
+already referenced to the clean slab and the gas-phase molecules, so it is the adsorbate's atoms
+whose per-element energies carry over to an adsorbate never seen in training (OOD-ads), and no
+metal gets a per-element term that a held-out metal would lack (OOD-cat). Evaluation returns sums over the whole split:
 ``mae`` (eV) and ``ewt``, OC20's "energy within threshold", the fraction of systems with
 ``|error| < 0.02 eV``.
 
@@ -684,8 +684,8 @@ def split_systems(cfg: Dict[str, Any], systems: Sequence[System]
 # Baselines
 
 
-def ridge_fit(features: np.ndarray, targets: np.ndarray,
-              alpha: float) -> Tuple[np.ndarray, float]:
+def ridge_fit(features: np.ndarray, targets: np.ndarray, alpha: float, *,
+              intercept: bool = True) -> Tuple[np.ndarray, float]:
     """Closed-form ridge regression with an unpenalised intercept (float64).
 
     Minimises ``|X w + b - y|^2 + alpha |w|^2`` through the least-squares problem of the centred
@@ -696,13 +696,14 @@ def ridge_fit(features: np.ndarray, targets: np.ndarray,
         features: ``[M, F]``.
         targets: ``[M]``.
         alpha: ``>= 0``.
+        intercept: fit ``b``; ``False`` keeps ``b = 0`` (a model that must give 0 for ``x = 0``).
 
     Returns:
         ``(w [F], b)``.
     """
     x = np.asarray(features, np.float64)
     y = np.asarray(targets, np.float64)
-    x_mean, y_mean = x.mean(axis=0), y.mean()
+    x_mean, y_mean = (x.mean(axis=0), y.mean()) if intercept else (np.zeros(x.shape[1]), 0.0)
     xc = x - x_mean
     if alpha > 0:
         xc = np.concatenate([xc, np.sqrt(alpha) * np.eye(x.shape[1])])
@@ -752,10 +753,11 @@ class CompositionBaseline:
 
 
 class AdsorbateCompositionBaseline(CompositionBaseline):
-    """Ridge regression on the element counts of the adsorbate atoms (tag 2) alone.
+    """Ridge regression on the element counts of the adsorbate atoms (tag 2) alone, no intercept.
 
-    No adsorbate identity and no metal: the additive per-element model that carries over to an
-    unseen adsorbate made of known elements (e.g. H and O from CH2, H2O, CO in training).
+    No adsorbate identity, no metal and no constant: the additive per-element model (zero atoms
+    adsorb with zero energy) that carries over to an unseen adsorbate made of known elements
+    (e.g. H and O from CH2, H2O, CO in training).
     """
 
     def features(self, systems: Sequence[System]) -> np.ndarray:
@@ -771,7 +773,8 @@ class AdsorbateCompositionBaseline(CompositionBaseline):
     def fit(self, systems: Sequence[System]) -> "AdsorbateCompositionBaseline":
         self.elements = sorted({int(z) for s in systems for z in _reference_numbers(s, "adsorbate")})
         self.weights, self.bias = ridge_fit(self.features(systems),
-                                            np.asarray([s.energy for s in systems]), self.alpha)
+                                            np.asarray([s.energy for s in systems]), self.alpha,
+                                            intercept=False)
         return self
 
 
@@ -833,8 +836,10 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
         for m, system in enumerate(train):
             for z in _reference_numbers(system, atoms):
                 counts[m, column[int(z)]] += 1
-        # The intercept is left to the mean below, so that the reference is purely per element.
-        weights, _ = ridge_fit(counts, energies, ridge_alpha)
+        # The reference is purely per element: with "composition" the intercept is left to the
+        # mean below; the adsorbate reference has none (zero adsorbate atoms adsorb with zero
+        # energy), which is what lets it carry over to an unseen adsorbate.
+        weights, _ = ridge_fit(counts, energies, ridge_alpha, intercept=atoms == "all")
         element_energies = tuple(float(w) for w in weights)
         energies = energies - counts @ weights
     std = float(np.std(energies))
