@@ -56,6 +56,34 @@ def tiny_apply():
     return lambda system: float(apply(padded(system)))
 
 
+def test_adsorbate_readout_sums_per_atom_energies_of_the_adsorbate(tmp_path):
+    config = _config(cutoff=4.0)
+    config.readout = {"atoms": "adsorbate"}
+    model = oc20.make_model(config)
+    system = _slab_system()
+    other = _slab_system(seed=1)
+
+    def batch(*systems):
+        return pad_graph(batch_graphs([oc20.system_graph(s, 4.0) for s in systems]), 64, 4096, 3)
+
+    params, state = model.init(jax.random.PRNGKey(0), batch(system))
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                          params)
+    apply = jax.jit(lambda g: model.apply(params, state, None, g, False)[0])
+    alone, together = apply(batch(system)), apply(batch(other, system))
+    assert alone[0] != 0.0 and alone[1] == 0.0  # the padding graph gets exactly 0
+    np.testing.assert_allclose(together[1], alone[0], rtol=1e-5)  # batching and padding
+    rotation = _random_rotation(5)
+    rotated = system._replace(positions=system.positions @ rotation.T,
+                              cell=system.cell @ rotation.T)
+    np.testing.assert_allclose(apply(batch(rotated))[0], alone[0], rtol=1e-4, atol=1e-6)
+    bare = system._replace(tags=np.ones_like(system.tags))  # no adsorbate atom: nothing to sum
+    assert float(apply(batch(bare))[0]) == 0.0
+    config.readout = {"atoms": "slab"}
+    with pytest.raises(ConfigError, match=r"config\.readout\.atoms: expected one of"):
+        oc20.make_model(config)
+
+
 def _random_rotation(seed):
     q, _ = np.linalg.qr(np.random.RandomState(seed).normal(size=(3, 3)))
     return q * np.sign(np.linalg.det(q))

@@ -31,6 +31,7 @@ from segnn_jax.tasks.oc20 import (
     DATA_DEFAULTS,
     EMBEDDING_DEFAULTS,
     MODEL_DEFAULTS,
+    READOUT_DEFAULTS,
 )
 from segnn_jax.training import default_train_config
 
@@ -42,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch = dict(BATCH_DEFAULTS, batch_size=8)
     config.embedding = dict(EMBEDDING_DEFAULTS, dim=256)
     config.baseline = dict(BASELINE_DEFAULTS)
+    config.readout = dict(READOUT_DEFAULTS)  # atoms="all": pool over every atom, as the author
     config.model = dict(MODEL_DEFAULTS)  # 188x0e+61x1o, lmax_attr 2, 6 layers, no norm, mean pool
     train = default_train_config()
     train.update(num_epochs=20, eval_every=1, log_every=100, seed=0)

@@ -27,9 +27,14 @@ only); the network then learns the residual and predictions add the reference ba
 ``"adsorbate"`` counts only the adsorbate atoms (tag 2), fitted without an intercept: the target is
 already referenced to the clean slab and the gas-phase molecules, so it is the adsorbate's atoms
 whose per-element energies carry over to an adsorbate never seen in training (OOD-ads), and no
-metal gets a per-element term that a held-out metal would lack (OOD-cat). Evaluation returns sums over the whole split:
-``mae`` (eV) and ``ewt``, OC20's "energy within threshold", the fraction of systems with
-``|error| < 0.02 eV``.
+metal gets a per-element term that a held-out metal would lack (OOD-cat).
+
+Readout (``readout.atoms``): ``"all"`` (the author's) pools the graph-level SEGNN over every atom;
+``"adsorbate"`` makes the SEGNN give one energy per atom and sums it over the adsorbate atoms
+(tag 2), so that an adsorbate's energy is built from its atoms in their surface environment.
+
+Evaluation returns sums over the whole split: ``mae`` (eV) and ``ewt``, OC20's "energy within
+threshold", the fraction of systems with ``|error| < 0.02 eV``.
 
 Splits (``data.split``): ``"id"`` a seeded random split; ``"ood_ads"`` whole adsorbates held out of
 training (validation and test adsorbates are disjoint from each other and from training);
@@ -50,7 +55,8 @@ Results always carry ``level_of_theory``: ``"EMT"`` for the EMT stand-in (never 
 files store otherwise, ``"DFT (PBE)"`` for Xu & Kitchin.
 
 Config sections: ``data`` (:data:`DATA_DEFAULTS`), ``batch`` (:data:`BATCH_DEFAULTS`), ``embedding``
-(:data:`EMBEDDING_DEFAULTS`), ``baseline`` (:data:`BASELINE_DEFAULTS`), ``model``
+(:data:`EMBEDDING_DEFAULTS`), ``baseline`` (:data:`BASELINE_DEFAULTS`), ``readout``
+(:data:`READOUT_DEFAULTS`), ``model``
 (:mod:`segnn_jax.tasks.models`) and ``train`` (:mod:`segnn_jax.training`).
 
 Shape letters: M systems, N nodes (atoms), E edges, G graphs of a batch.
@@ -81,11 +87,10 @@ from segnn_jax.attributes import (
     node_attributes,
 )
 from segnn_jax.batching import GraphLoader
-from segnn_jax.graph import edge_mask, graph_mask, make_graph
+from segnn_jax.graph import edge_mask, graph_mask, make_graph, node_graph_index, node_mask
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.tasks import TaskInputError, models
-from segnn_jax.tasks.common import (batch_budget, check_budget_options, positive_int,
-                                    task_sections)
+from segnn_jax.tasks.common import batch_budget, check_budget_options, positive_int, task_sections
 from segnn_jax.training.config import ConfigError
 
 __all__ = [
@@ -94,6 +99,7 @@ __all__ = [
     "DATA_DEFAULTS",
     "DESCRIPTION",
     "EMBEDDING_DEFAULTS",
+    "READOUT_DEFAULTS",
     "EWT_THRESHOLD_EV",
     "MODEL_DEFAULTS",
     "SPLITS",
@@ -171,6 +177,12 @@ BATCH_DEFAULTS: Dict[str, Any] = {
 }
 
 EMBEDDING_DEFAULTS: Dict[str, Any] = {"dim": 256, "element_features": False}
+
+#: ``atoms``: ``"all"`` (the author's recipe: the graph-level SEGNN pools over every atom) or
+#: ``"adsorbate"``: the SEGNN gives one energy per atom and the system's energy is the sum over the
+#: adsorbate atoms (tag 2), each of which sees the surface within the cutoff.
+READOUT_DEFAULTS: Dict[str, Any] = {"atoms": "all"}
+_READOUT_CHOICES = ("all", "adsorbate")
 
 BASELINE_DEFAULTS: Dict[str, Any] = {"ridge_alpha": 1e-3}
 
@@ -291,10 +303,14 @@ def validate_config(config: Any) -> Dict[str, Any]:
         "batch": BATCH_DEFAULTS,
         "embedding": EMBEDDING_DEFAULTS,
         "baseline": BASELINE_DEFAULTS,
+        "readout": READOUT_DEFAULTS,
     })
-    data, batch, embedding, baseline = (
+    data, batch, embedding, baseline, readout = (
         sections["data"], sections["batch"],
-        sections["embedding"], sections["baseline"])
+        sections["embedding"], sections["baseline"], sections["readout"])
+    if readout["atoms"] not in _READOUT_CHOICES:
+        raise ConfigError(f"config.readout.atoms: expected one of {_READOUT_CHOICES}, "
+                          f"got {readout['atoms']!r}")
     if data["dataset"] not in _DATASETS:
         raise ConfigError(f"config.data.dataset: expected one of {_DATASETS}, "
                           f"got {data['dataset']!r}")
@@ -335,7 +351,7 @@ def validate_config(config: Any) -> Dict[str, Any]:
         raise ConfigError(f"config.model.task: OC20 predicts one energy per system, expected "
                           f"'graph', got {model['task']!r}")
     return {"task": "oc20", "data": data, "batch": batch, "embedding": embedding,
-            "baseline": baseline, "model": model,
+            "baseline": baseline, "readout": readout, "model": model,
             "train": training.validate_train_config(config.get("train"))}
 
 
@@ -404,7 +420,9 @@ def make_model(config: Any) -> hk.TransformedWithState:
     ``element_features``) is added.
     """
     cfg = validate_config(config)
-    factory = models.create_model(cfg["model"], output_irreps="1x0e")
+    per_atom = cfg["readout"]["atoms"] == "adsorbate"
+    model_cfg = dict(cfg["model"], task="node") if per_atom else cfg["model"]
+    factory = models.create_model(model_cfg, output_irreps="1x0e")
     lmax_attr = cfg["model"]["lmax_attr"]
     dim = cfg["embedding"]["dim"]
     descriptors = element_descriptors() if cfg["embedding"]["element_features"] else None
@@ -421,7 +439,12 @@ def make_model(config: Any) -> hk.TransformedWithState:
                               name="z_embedding")(z)
             embedded = lookup + hk.Linear(dim, name="element_features")(jnp.asarray(descriptors)[z])
         st_graph = featurize(graph, embedded, lmax_attr=lmax_attr)
-        return factory()(st_graph, is_training).array[:, 0]  # [G]
+        out = factory()(st_graph, is_training).array[:, 0]  # [G], or [N] per atom
+        if not per_atom:
+            return out
+        adsorbate = (graph.nodes["tags"] == 2) & node_mask(graph)
+        return jax.ops.segment_sum(jnp.where(adsorbate, out, 0.0), node_graph_index(graph),
+                                   num_segments=graph.n_node.shape[0])
 
     return hk.transform_with_state(forward)
 
@@ -579,13 +602,15 @@ def system_graph(system: System, cutoff: float, target: float = 0.0) -> jraph.Gr
     """The periodic radius graph of one system.
 
     Returns:
-        A single graph: nodes "positions" ``[n, 3]`` float32 and "atomic_numbers" ``[n]`` int32;
+        A single graph: nodes "positions" ``[n, 3]`` float32, "atomic_numbers" and "tags"
+        ``[n]`` int32;
         edges "shifts" ``[E, 3]`` float32 (Cartesian image offset of the sender); globals
         "targets" ``[1, 1]`` float32 (``target``).
     """
     edges = periodic_radius_graph(system.positions, system.cell, system.pbc, cutoff)
     return make_graph(np.asarray(system.positions, np.float32), edges.senders, edges.receivers,
-                      nodes={"atomic_numbers": np.asarray(system.atomic_numbers, np.int32)},
+                      nodes={"atomic_numbers": np.asarray(system.atomic_numbers, np.int32),
+                             "tags": np.asarray(system.tags, np.int32)},
                       edges={"shifts": edges.shifts_cartesian.astype(np.float32)},
                       globals={"targets": np.full((1, 1), target, np.float32)})
 
@@ -771,7 +796,8 @@ class AdsorbateCompositionBaseline(CompositionBaseline):
         return out
 
     def fit(self, systems: Sequence[System]) -> "AdsorbateCompositionBaseline":
-        self.elements = sorted({int(z) for s in systems for z in _reference_numbers(s, "adsorbate")})
+        self.elements = sorted({int(z) for s in systems
+                                for z in _reference_numbers(s, "adsorbate")})
         self.weights, self.bias = ridge_fit(self.features(systems),
                                             np.asarray([s.energy for s in systems]), self.alpha,
                                             intercept=False)
