@@ -13,13 +13,12 @@ The paper's full protocol, one run per target, for a GPU::
     segnn train qm9 --config.data.target=alpha --run-dir runs/qm9_alpha
 
 Expected run time: 1000 epochs x 100,000 molecules = 1e8 training molecules in 781,250 steps of
-128, plus 1000 evaluations of the 30,831 validation and test molecules. Measured
-(benchmarks/results/qm9_throughput_cpu.json): 63.2 GFLOP per training step (XLA cost analysis,
-before the tensor-product rewrite); on this project's shared 2-core CPU ~28 molecules/s (core of
-ae99c69; 4.4-15 before it), i.e. ~41 days per target. No GPU was available to measure; the
-estimate for one H100/H200-class GPU is 5-12 hours per target (FLOP bound 0.8-2.3 h at 6-18
-TFLOP/s sustained; latency bound 4.3-10.9 h at 20-50 ms per jitted step; evaluations ~0.5-1 h).
-Measure on the device before launching twelve of them::
+128, plus 1000 evaluations of the 30,831 validation and test molecules. Measured on the quiet
+2-core CPU (benchmarks/results/throughput_cpu.json): 72.8 GFLOP per training step (XLA cost
+analysis), 1.89 s per step (68 molecules/s), i.e. ~17 days per target there. No GPU was available
+to measure; for one H100/H200-class GPU the estimate is 3-12 hours per target (FLOP bound 1.6-5.3 h
+at 3-10 TFLOP/s sustained on these small contractions; latency bound 4-11 h at 20-50 ms per step;
+evaluations ~0.5-1 h). Measure on the device before launching twelve of them::
 
     python -m benchmarks.throughput --configs qm9   # seconds per step -> hours = 781,250 x step
 
