@@ -14,6 +14,10 @@ Usage::
     python benchmarks/throughput.py --configs nbody qm9 oc20 --repeats 20 \
         --out benchmarks/results/throughput_cpu.json
 
+``--compute-dtype bfloat16`` (or ``float16``) times the mixed-precision model (float32 parameters,
+tensor products in the low dtype with float32 accumulation); ``benchmarks/mixed_precision.py``
+compares it with float32 interleaved, with its equivariance error.
+
 The training step is a real one: Adam update of all parameters on an MSE (N-body) or L1 (QM9, OC20)
 loss via ``jax.value_and_grad``, jitted as a whole.
 
@@ -46,7 +50,7 @@ DTYPES = ("float32", "float64", "bfloat16")
 def build_ours(
     arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None,
     backend: str = "e3nn",
-    scan_layers: bool = False,
+    scan_layers: bool = False, compute_dtype=None,
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
@@ -61,6 +65,7 @@ def build_ours(
         row_tile: rows per tile of every tensor product (None: one pass), see ``SEGNN``.
         scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
         backend: the tensor-product backend, ``"e3nn"`` or ``"cuequivariance"``, see ``SEGNN``.
+        compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision, see ``SEGNN``.
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -123,6 +128,7 @@ def build_ours(
             row_tile=row_tile,
             scan_layers=scan_layers,
             backend=backend,
+            compute_dtype=compute_dtype,
         )
         return network(st_graph, is_training).array
 
@@ -157,16 +163,23 @@ def resolve_row_tile(option: str):
     return models.validate_model_config({"row_tile": option})["row_tile"]
 
 
-def _untiled_step_flops(arrays: dict, spec: dict, dtype: str):
+def resolve_compute_dtype(option):
+    """The ``--compute-dtype`` option as the model config reads it (None, "bfloat16", "float16")."""
+    from segnn_jax.tasks import models
+
+    return models.validate_model_config({"compute_dtype": option})["compute_dtype"]
+
+
+def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None):
     import jax
 
-    bench = build_ours(arrays, spec, dtype, row_tile=None)
+    bench = build_ours(arrays, spec, dtype, row_tile=None, compute_dtype=compute_dtype)
     lowered = jax.jit(bench.step_fn).lower(bench.params, bench.state, bench.opt_state, bench.batch)
     return common.cost_flops(lowered)
 
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
-            row_tile: str = "none", scan_layers: bool = False,
+            row_tile: str = "none", scan_layers: bool = False, compute_dtype=None,
             backend: str = "e3nn") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build(name)
@@ -179,9 +192,11 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "row_tile": resolve_row_tile(row_tile),
         "scan_layers": scan_layers,
         "tensor_product_backend": backend,
+        "compute_dtype": resolve_compute_dtype(compute_dtype),
     }
     bench = build_ours(arrays, spec, dtype, backend=backend,
-                       row_tile=record["row_tile"], scan_layers=scan_layers)
+                       row_tile=record["row_tile"], scan_layers=scan_layers,
+                       compute_dtype=record["compute_dtype"])
     record["params"] = bench.n_params
     forward = bench.compile("forward")
     step = bench.compile("train_step")
@@ -199,7 +214,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
     if record["row_tile"] is not None or scan_layers:
         # XLA counts a loop body once, so a tiled or scanned step's estimate misses most of its
         # work: count the same function unrolled and untiled, from its lowering (no compilation).
-        step["flops"] = _untiled_step_flops(arrays, spec, dtype)
+        step["flops"] = _untiled_step_flops(arrays, spec, dtype, record["compute_dtype"])
         record["flops_source"] = ("XLA cost analysis of the lowered unrolled, untiled training "
                                   "step (the same function)")
     if step["flops"] is not None:
@@ -219,7 +234,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
 def _child(args) -> None:
     record = measure(
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
-        args.row_tile, args.scan_layers,
+        args.row_tile, args.scan_layers, args.compute_dtype,
         backend=args.backend,
     )
     Path(args.child_out).write_text(json.dumps(record))
@@ -229,7 +244,8 @@ def _serve(args) -> None:
     arrays, spec = inputs.load(Path(args.serve))
     common.serve(build_ours(arrays, spec, args.dtype, backend=args.backend,
                             row_tile=resolve_row_tile(args.row_tile),
-                            scan_layers=args.scan_layers))
+                            scan_layers=args.scan_layers,
+                            compute_dtype=resolve_compute_dtype(args.compute_dtype)))
 
 
 def _print_record(name: str, r: dict) -> None:
@@ -283,6 +299,10 @@ def main(argv=None) -> dict:
         "--backend", default="e3nn",
         help="tensor-product backend: e3nn (the default) or cuequivariance (cuequivariance-jax)",
     )
+    parser.add_argument(
+        "--compute-dtype", default="none",
+        help="mixed precision: none (float32 throughout), bfloat16 or float16 tensor products",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--update",
@@ -319,6 +339,7 @@ def main(argv=None) -> dict:
         "row_tile": args.row_tile,
         "scan_layers": args.scan_layers,
         "tensor_product_backend": args.backend,
+        "compute_dtype": args.compute_dtype,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -342,7 +363,7 @@ def main(argv=None) -> dict:
             if args.in_process:
                 record = measure(
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
-                    args.row_tile, args.scan_layers,
+                    args.row_tile, args.scan_layers, args.compute_dtype,
                     backend=args.backend,
                 )
             else:
@@ -366,6 +387,8 @@ def main(argv=None) -> dict:
                         *(["--scan-layers"] if args.scan_layers else []),
                         "--backend",
                         args.backend,
+                        "--compute-dtype",
+                        args.compute_dtype,
                         "--matmul",
                         json.dumps(result["matmul_float32"]),
                     ]

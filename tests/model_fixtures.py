@@ -32,7 +32,8 @@ def featurize(graph, positions=None, velocities=None, lmax=1):
     return sj.SteerableGraphsTuple(graph, features, node_attr, edge_attr, extra)
 
 
-def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1, row_tile=None):
+def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1, row_tile=None,
+               compute_dtype=None):
     """A transformed tiny network on raw graphs: ``apply(params, state, graph, pos, vel)``."""
     hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
     output = "1x1o" if task == "node" else "2x0e"
@@ -41,10 +42,11 @@ def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lm
         inputs = featurize(graph, positions, velocities, lmax)
         if network == "segnn":
             model = sj.SEGNN(hidden, output, layers, task=task, norm=norm, pool=pool,
-                             row_tile=row_tile)
+                             row_tile=row_tile, compute_dtype=compute_dtype)
         else:
             model = sj.SEConv(hidden, output, layers, task=task, norm=norm, pool=pool,
-                              nonlinear=network == "seconv_nonlinear", row_tile=row_tile)
+                              nonlinear=network == "seconv_nonlinear", row_tile=row_tile,
+                              compute_dtype=compute_dtype)
         return model(inputs, is_training).array
 
     return hk.without_apply_rng(hk.transform_with_state(forward))
