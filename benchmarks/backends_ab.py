@@ -19,7 +19,6 @@ scalars; ``qm9`` 2,300 nodes, 6,300 edges (a batch of 128 molecules at 2 Angstro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -114,9 +113,7 @@ def main(argv=None) -> dict:
     result["cpu_after"] = common.cpu_info()
     print("load average before/after:", result["cpu_before"]["load_average_1_5_15"],
           result["cpu_after"]["load_average_1_5_15"])
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_result(args.out, result)
     return result
 
 

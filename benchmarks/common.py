@@ -7,12 +7,14 @@ where ``segnn_jax`` is the earlier port (version 0.7), not this project.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +30,16 @@ PACKAGES = (
     "segnn",
     "cuequivariance-jax",
 )
+
+
+def write_result(path, result: dict) -> None:
+    """Writes a benchmark's JSON result to ``path`` (creating its folder); nothing for None."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def versions() -> dict[str, str | None]:

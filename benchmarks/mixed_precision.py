@@ -182,10 +182,7 @@ def main(argv=None) -> dict:
         record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         result["configs"][name] = record
     result["cpu_after"] = common.cpu_info()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    common.write_result(args.out, result)
     return result
 
 

@@ -23,7 +23,6 @@ the optimiser. A micro-benchmark of the channel-mixing contraction in the two me
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -222,9 +221,7 @@ def main(argv=None) -> dict:
         f"one layer fwd+bwd {result['one_layer_forward_backward_ms']:.0f} ms; x{result['layers']} layers = "
         f"{result['all_layers_forward_backward_ms']:.0f} ms"
     )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_result(args.out, result)
     return result
 
 

@@ -406,10 +406,7 @@ def main(argv=None) -> dict:
         result["configs"][name] = record
         _print_record(name, record)
     result["cpu_after"] = common.cpu_info()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    common.write_result(args.out, result)
     return result
 
 
