@@ -79,6 +79,9 @@ def test_adsorbate_readout_sums_per_atom_energies_of_the_adsorbate(tmp_path):
     np.testing.assert_allclose(apply(batch(rotated))[0], alone[0], rtol=1e-4, atol=1e-6)
     bare = system._replace(tags=np.ones_like(system.tags))  # no adsorbate atom: nothing to sum
     assert float(apply(batch(bare))[0]) == 0.0
+    with pytest.raises(oc20.OC20DataError, match="slab: no adsorbate atom"):
+        oc20.check_adsorbate_atoms(oc20.validate_config(config), [bare])
+    oc20.check_adsorbate_atoms(oc20.validate_config(_config()), [bare])  # the default needs none
     config.readout = {"atoms": "slab"}
     with pytest.raises(ConfigError, match=r"config\.readout\.atoms: expected one of"):
         oc20.make_model(config)

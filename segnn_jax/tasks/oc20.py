@@ -273,6 +273,21 @@ class Standardisation(NamedTuple):
                 "reference_atoms": self.reference_atoms}
 
 
+def check_adsorbate_atoms(cfg: Mapping[str, Any], systems: Sequence[System],
+                          error: Optional[type] = None) -> None:
+    """Raises ``error`` (default :class:`OC20DataError`) naming the first system without an
+    adsorbate atom (tag 2) when the config counts them (``data.energy_reference="adsorbate"`` or
+    ``readout.atoms="adsorbate"``): its energy would silently be the constant 0."""
+    if cfg["data"]["energy_reference"] != "adsorbate" and cfg["readout"]["atoms"] != "adsorbate":
+        return
+    for system in systems:
+        if not np.any(np.asarray(system.tags) == 2):
+            raise (error or OC20DataError)(
+                f"{system.name}: no adsorbate atom (tag 2), which data.energy_reference="
+                f"'adsorbate' / readout.atoms='adsorbate' need; tag the adsorbate or use the "
+                f"default 'none' / 'all'")
+
+
 def _reference_numbers(system: System, atoms: str) -> np.ndarray:
     """The atomic numbers a per-element reference counts: all atoms, or the adsorbate's (tag 2)."""
     numbers = np.asarray(system.atomic_numbers)
@@ -947,6 +962,7 @@ def run_is2re(config: Any, run_dir: Union[str, Path], *,
     run_dir = Path(run_dir).resolve()  # orbax checkpoints need an absolute path
     start = time.perf_counter()
     systems, level = load_systems(_data_path(cfg))
+    check_adsorbate_atoms(cfg, systems)
     splits, split_info = split_systems(cfg, systems)
     stats = standardise(splits["train"], level, cfg["data"]["energy_reference"],
                         cfg["baseline"]["ridge_alpha"])
@@ -1012,6 +1028,7 @@ def cross_validate(config: Any, run_dir: Union[str, Path], *,
     run_dir = Path(run_dir).resolve()
     start = time.perf_counter()
     systems = load_xu_kitchin(_data_path(cfg))
+    check_adsorbate_atoms(cfg, systems)
     folds = kfold_indices(len(systems), cfg["data"]["cv_folds"], cfg["data"]["cv_seed"])
     level = "DFT (PBE, VASP; Xu & Kitchin 2014)"
     print(f"Xu & Kitchin: {len(systems)} samples, {len(folds)} folds", flush=True)
@@ -1210,6 +1227,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     trained = load_trained(run_dir, task="oc20")
     cfg, stats = trained.config, _standardisation(trained.side_files[_STATS_FILE])
     systems = read_structures(paths)
+    check_adsorbate_atoms(cfg, systems, OC20InputError)
     for system in systems:
         unknown = sorted({int(z) for z in system.atomic_numbers} - set(stats.elements))
         if unknown:
