@@ -86,3 +86,22 @@ def tiny_graphs(n, seed):
                                  nodes={"features": rng.normal(size=(k, 2)).astype(np.float32)},
                                  globals={"targets": rng.normal(size=(1, 1)).astype(np.float32)}))
     return graphs
+
+
+def message_product_inputs(keys, attr_irreps, out_irreps):
+    """A message-like tensor product on 5 nodes and 9 edges: gathered receiver and sender features
+    (``3x0e+2x1o``) and edge scalars (``2x0e``) times spherical harmonics of random vectors.
+
+    Returns ``(spec, weights, nodes, extra, senders, receivers, attr)``.
+    """
+    from segnn_jax import tensor_product as tp
+
+    nodes = e3nn.normal("3x0e+2x1o", next(keys), (5,))
+    extra = e3nn.normal("2x0e", next(keys), (9,))
+    senders = jax.random.randint(next(keys), (9,), 0, 5)
+    receivers = jax.random.randint(next(keys), (9,), 0, 5)
+    attr = e3nn.spherical_harmonics(attr_irreps, jax.random.normal(next(keys), (9, 3)), True)
+    spec = tp.make_spec(["3x0e+2x1o", "3x0e+2x1o", "2x0e"], attr.irreps, out_irreps)
+    weights = tp.init_weights(next(keys), spec)
+    return spec, weights, nodes, extra, senders, receivers, attr
+

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_fixtures import make_model, pad, random_graph, to_device
+from model_fixtures import make_model, message_product_inputs, pad, random_graph, to_device
 
 import segnn_jax as sj
 from segnn_jax import tensor_product as tp
@@ -42,13 +42,8 @@ def _tree_relative_error(tree, reference):
 
 def _edge_product(keys):
     """A message-like product: gathered receiver and sender features, edge scalars, l <= 2."""
-    nodes = e3nn.normal("3x0e+2x1o", next(keys), (5,))
-    extra = e3nn.normal("2x0e", next(keys), (9,))
-    senders = jax.random.randint(next(keys), (9,), 0, 5)
-    receivers = jax.random.randint(next(keys), (9,), 0, 5)
-    attr = e3nn.spherical_harmonics("0e+1o+2e", jax.random.normal(next(keys), (9, 3)), True)
-    spec = tp.make_spec(["3x0e+2x1o", "3x0e+2x1o", "2x0e"], attr.irreps, "4x0e+3x1o+1x2e")
-    weights = tp.init_weights(next(keys), spec)
+    spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
+        keys, "0e+1o+2e", "4x0e+3x1o+1x2e")
 
     def product(w, n, e, a, compute_dtype):
         return tp.tensor_product(spec, w, [(n, receivers), (n, senders), e], a, compute_dtype).array

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from model_fixtures import message_product_inputs
 
 from segnn_jax import tensor_product as tp
 
@@ -55,13 +56,8 @@ def test_linear_when_second_input_is_absent(keys):
 
 def test_gathered_segments_equal_the_concatenated_input(keys):
     """Segments given as (array, index) are the same function as the gathered, concatenated input."""
-    nodes = e3nn.normal("3x0e+2x1o", next(keys), (5,))
-    extra = e3nn.normal("2x0e", next(keys), (9,))
-    senders = jax.random.randint(next(keys), (9,), 0, 5)
-    receivers = jax.random.randint(next(keys), (9,), 0, 5)
-    attr = e3nn.spherical_harmonics("0e+1o", jax.random.normal(next(keys), (9, 3)), True)
-    spec = tp.make_spec(["3x0e+2x1o", "3x0e+2x1o", "2x0e"], attr.irreps, "4x0e+3x1o")
-    weights = tp.init_weights(next(keys), spec)
+    spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
+        keys, "0e+1o", "4x0e+3x1o")
 
     def split(w, n):
         return tp.tensor_product(spec, w, [(n, receivers), (n, senders), extra], attr)
