@@ -50,6 +50,7 @@ __all__ = [
     "Segment",
     "TensorProductSpec",
     "check_compute_dtype",
+    "checked_segments",
     "fan_in",
     "init_bound",
     "init_weights",
@@ -245,6 +246,27 @@ def _mixed_matmul_bwd(compute_dtype, residuals, dy):
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
+def checked_segments(spec: TensorProductSpec, x1: Sequence[Segment]
+                     ) -> list[Tuple[e3nn.IrrepsArray, Optional[jnp.ndarray]]]:
+    """``x1`` as ``(array, index or None)`` pairs, checked against ``spec.segments``.
+
+    Raises:
+        ValueError: a wrong number of segments or a segment with other irreps.
+        TypeError: a segment that is not an IrrepsArray.
+    """
+    if len(x1) != len(spec.segments):
+        raise ValueError(f"expected {len(spec.segments)} input segments, got {len(x1)}")
+    out = []
+    for s, (segment, irreps) in enumerate(zip(x1, spec.segments)):
+        array, index = segment if isinstance(segment, tuple) else (segment, None)
+        if not isinstance(array, e3nn.IrrepsArray):
+            raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
+        if array.irreps.regroup() != irreps.regroup():
+            raise ValueError(f"segment {s} has irreps {array.irreps}, expected {irreps}")
+        out.append((array, index))
+    return out
+
+
 def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtype=None) -> list:
     """For each segment: ``{ir: ([..., 2l+1, mul], (start, stop))}``: components-first chunks and
     the rows of the path weights (input channels) they correspond to, in ``compute_dtype`` if set
@@ -255,12 +277,7 @@ def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtyp
     """
     filled = {ir: 0 for _, ir in spec.irreps_in1}
     segments = []
-    for s, (segment, irreps) in enumerate(zip(x1, spec.segments)):
-        array, index = segment if isinstance(segment, tuple) else (segment, None)
-        if not isinstance(array, e3nn.IrrepsArray):
-            raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
-        if array.irreps.regroup() != irreps.regroup():
-            raise ValueError(f"segment {s} has irreps {array.irreps}, expected {irreps}")
+    for array, index in checked_segments(spec, x1):
         array = e3nn.IrrepsArray(array.irreps, array.array).regroup()  # dense: no zero flags
         chunks = {}
         for (mul, ir), chunk in zip(array.irreps, array.chunks):
@@ -296,8 +313,6 @@ def tensor_product(
     Returns:
         ``[..., out.dim]`` with irreps ``spec.irreps_out``, in the dtype of ``x1``.
     """
-    if len(x1) != len(spec.segments):
-        raise ValueError(f"expected {len(spec.segments)} input segments, got {len(x1)}")
     compute_dtype = check_compute_dtype(compute_dtype)
     segments = _segment_chunks(spec, x1, compute_dtype)
     dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype  # of the inputs and output

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segnn_jax.tensor_product import Segment, TensorProductSpec
+from segnn_jax.tensor_product import Segment, TensorProductSpec, checked_segments
 
 __all__ = ["BACKENDS", "check_backend", "product_function", "tensor_product_cue"]
 
@@ -119,15 +119,8 @@ def tensor_product_cue(
     if compute_dtype is not None:
         raise ValueError(f"compute_dtype={compute_dtype!r} needs backend='e3nn': the "
                          f"cuequivariance backend computes in the inputs' dtype")
-    if len(x1) != len(spec.segments):
-        raise ValueError(f"expected {len(spec.segments)} input segments, got {len(x1)}")
     arrays, irreps = [], []
-    for s, (segment, expected) in enumerate(zip(x1, spec.segments)):
-        array, index = segment if isinstance(segment, tuple) else (segment, None)
-        if not isinstance(array, e3nn.IrrepsArray):
-            raise TypeError(f"segment {s} must be an e3nn.IrrepsArray, got {type(array).__name__}")
-        if array.irreps.regroup() != expected.regroup():
-            raise ValueError(f"segment {s} has irreps {array.irreps}, expected {expected}")
+    for array, index in checked_segments(spec, x1):
         arrays.append(array.array if index is None else array.array[index])
         irreps.append(str(array.irreps))
     dtype = arrays[0].dtype
