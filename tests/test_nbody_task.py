@@ -182,6 +182,30 @@ def test_horizon_is_the_time_between_input_and_target_frames(config):
     assert nbody.horizon(cfg) == pytest.approx(1.0)
 
 
+def test_train_input_frames_add_samples_from_the_same_training_systems(config, splits):
+    cfg = nbody.validate_config(config)
+    cfg["data"]["train_input_frames"] = (28, 30)
+    loaded = nbody.load_splits(cfg, progress=False)
+    train, n = loaded["train"], len(splits["train"].positions)
+    assert len(train.positions) == 2 * n
+    frame_28 = nbody_data.load_nbody("charged", "train", n, cfg["data"]["data_dir"],
+                                     input_frame=28, target_frame=38, progress=False)
+    for field in ("positions", "velocities", "targets", "charges"):
+        np.testing.assert_array_equal(getattr(train, field)[:n], getattr(frame_28, field))
+        np.testing.assert_array_equal(getattr(train, field)[n:], getattr(splits["train"], field))
+    for split in ("valid", "test"):  # evaluation keeps input_frame -> target_frame
+        np.testing.assert_array_equal(loaded[split].positions, splits[split].positions)
+        np.testing.assert_array_equal(loaded[split].targets, splits[split].targets)
+
+
+def test_concatenate_refuses_different_horizons(config):
+    data_dir = nbody.validate_config(config)["data"]["data_dir"]
+    parts = [nbody_data.load_nbody("charged", "valid", 2, data_dir, input_frame=30,
+                                   target_frame=target, progress=False) for target in (40, 35)]
+    with pytest.raises(nbody_data.NBodyError, match="horizon"):
+        nbody_data.concatenate(parts)
+
+
 @pytest.fixture(scope="module")
 def trainer(config, splits):
     """A jitted train step of the tiny model (learning rate 3e-3) and the batch of 8 systems."""
@@ -231,6 +255,10 @@ def test_loaders_cover_every_system_once_with_a_bounded_number_of_shapes(config,
     ("data", "centering", "per_particle", "config.data.centering"),
     ("data", "target_frame", 20, "config.data.target_frame"),
     ("data", "predict_from", "velocity", "config.data.predict_from"),
+    ("data", "train_input_frames", [30, 39], "config.data.train_input_frames"),
+    ("data", "train_input_frames", [], "config.data.train_input_frames"),
+    ("data", "train_input_frames", [28, 28], "config.data.train_input_frames"),
+    ("data", "train_input_frames", "30", "config.data.train_input_frames"),
     ("model", "name", "egnn", "config.model.name"),
     ("model", "hidden_irreps", "not irreps", "config.model.hidden_irreps"),
     ("train", "num_epochs", 0, "config.train.num_epochs"),

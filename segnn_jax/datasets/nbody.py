@@ -54,7 +54,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,7 @@ __all__ = [
     "NBodyData",
     "NBodyError",
     "charged_initial_conditions",
+    "concatenate",
     "default_data_dir",
     "generate_split",
     "gravity_energy",
@@ -665,6 +666,29 @@ def load_nbody(name: Union[str, NBodyConfig] = "charged", split: str = "train",
         positions=arrays["positions"][:, t_in], velocities=arrays["velocities"][:, t_in],
         charges=arrays.get("charges"), masses=arrays["masses"],
         targets=arrays["positions"][:, t_out], horizon=float(horizon), name=config.name)
+
+
+def concatenate(parts: Sequence[NBodyData]) -> NBodyData:
+    """The systems of several :class:`NBodyData` of one data set and horizon, in order.
+
+    Raises:
+        NBodyError: no parts, or parts of different data sets or horizons.
+    """
+    if not parts:
+        raise NBodyError("nothing to concatenate")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.name != first.name or not np.isclose(part.horizon, first.horizon):
+            raise NBodyError(f"cannot concatenate {part.name} data with horizon {part.horizon} "
+                             f"to {first.name} data with horizon {first.horizon}")
+
+    def stacked(field):
+        values = [getattr(part, field) for part in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return NBodyData(positions=stacked("positions"), velocities=stacked("velocities"),
+                     charges=stacked("charges"), masses=stacked("masses"),
+                     targets=stacked("targets"), horizon=first.horizon, name=first.name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "data_dir": None,
     "input_frame": 30,
     "target_frame": 40,
+    "train_input_frames": None,
     "neighbours": None,
     "centering": "centroid",
     "predict_from": "input_position",
@@ -159,6 +160,7 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["target_frame"] <= data["input_frame"]:
         raise ConfigError(f"config.data.target_frame: must come after input_frame "
                           f"({data['input_frame']}), got {data['target_frame']}")
+    data["train_input_frames"] = _train_input_frames(data, sizes)
     positive_int(data, "neighbours", "config.data", optional=True)
     if data["centering"] not in CENTERINGS:
         raise ConfigError(f"config.data.centering: expected one of {CENTERINGS}, "
@@ -175,6 +177,25 @@ def validate_config(config: Any) -> Dict[str, Any]:
     return {"task": "nbody", "data": data, "batch": batch,
             "model": models.validate_model_config(config.get("model")),
             "train": training.validate_train_config(config.get("train"))}
+
+
+def _train_input_frames(data: Dict[str, Any], sizes: nbody_data.NBodyConfig) -> Optional[list]:
+    frames = data["train_input_frames"]
+    if frames is None:
+        return None
+    name = "config.data.train_input_frames"
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, (list, tuple)) or not frames:
+        raise ConfigError(f"{name}: expected None or a non-empty list of input frames, "
+                          f"got {frames!r}")
+    gap = data["target_frame"] - data["input_frame"]
+    for frame in frames:
+        if isinstance(frame, bool) or not isinstance(frame, int) or frame not in sizes.frames \
+                or frame + gap not in sizes.frames:
+            raise ConfigError(f"{name}: every frame f needs f and its target f + {gap} stored "
+                              f"({sizes.frames[0]}..{sizes.frames[-1]}), got {frame!r}")
+    if len(set(frames)) != len(frames):
+        raise ConfigError(f"{name}: repeated frames in {list(frames)}")
+    return list(frames)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,12 +309,30 @@ def make_loss_fn(model: hk.TransformedWithState):
 
 def load_splits(config: Any, splits=("train", "valid", "test"), *,
                 progress: bool = True) -> Dict[str, nbody_data.NBodyData]:
-    """Loads (simulating and caching on first use) the requested splits of a config's data set."""
+    """Loads (simulating and caching on first use) the requested splits of a config's data set.
+
+    With ``data.train_input_frames`` the training split holds one sample per system and listed
+    frame ``f`` (input at ``f``, target at ``f + target_frame - input_frame``): more samples drawn
+    from the same training simulations, since the dynamics do not depend on time. Validation and
+    test always use ``input_frame -> target_frame``.
+    """
     data = validate_config(config)["data"]
-    return {split: nbody_data.load_nbody(
-        data["dataset"], split, data[_SPLIT_SIZE[split]], data["data_dir"],
-        input_frame=data["input_frame"], target_frame=data["target_frame"], progress=progress)
-        for split in splits}
+
+    def load(split, input_frame):
+        return nbody_data.load_nbody(
+            data["dataset"], split, data[_SPLIT_SIZE[split]], data["data_dir"],
+            input_frame=input_frame,
+            target_frame=input_frame + data["target_frame"] - data["input_frame"],
+            progress=progress)
+
+    loaded = {}
+    for split in splits:
+        if split == "train" and data["train_input_frames"] is not None:
+            loaded[split] = nbody_data.concatenate(
+                [load(split, frame) for frame in data["train_input_frames"]])
+        else:
+            loaded[split] = load(split, data["input_frame"])
+    return loaded
 
 
 def _graphs(cfg: Dict[str, Any], data: nbody_data.NBodyData) -> list:
