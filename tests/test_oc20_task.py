@@ -296,6 +296,23 @@ def test_element_features_place_unseen_elements_by_descriptors():
         oc20.validate_config(bad)
 
 
+def test_descriptors_alone_without_the_lookup():
+    config = _config(cutoff=4.0)
+    config.embedding.update(element_features=True, lookup=False)
+    model = oc20.make_model(config)
+    cu = _slab_system()
+    pt = cu._replace(atomic_numbers=np.where(cu.atomic_numbers == 29, 78, cu.atomic_numbers))
+    graph = pad_graph(batch_graphs([oc20.system_graph(cu, 4.0)]), 32, 2048, 2)
+    params, state = model.init(jax.random.PRNGKey(0), graph)
+    assert "z_embedding" not in params and "element_features" in params
+    energy = jax.jit(lambda g: model.apply(params, state, None, g, False)[0][0])
+    pt_graph = pad_graph(batch_graphs([oc20.system_graph(pt, 4.0)]), 32, 2048, 2)
+    assert abs(float(energy(graph)) - float(energy(pt_graph))) > 1e-6
+    config.embedding.element_features = False
+    with pytest.raises(ConfigError, match=r"config\.embedding\.lookup"):
+        oc20.validate_config(config)
+
+
 def test_energy_error_sums_exact():
     error = jnp.array([0.01, -0.019, 0.5, -0.03, 123.0])
     mask = jnp.array([True, True, True, True, False])

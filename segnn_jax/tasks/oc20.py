@@ -15,7 +15,9 @@ Pipeline (SEGNN.md sections 2.7 and 3, the author's OC20 fork):
   slabs) is unknown to the network. ``embedding.element_features=True`` (default False) adds a
   learned linear map of fixed element descriptors (:func:`element_descriptors`: period, group,
   covalent radius) and starts the lookup at zero, so that an unseen element is placed by its
-  descriptors (an unseen element's lookup row then stays zero);
+  descriptors (an unseen element's lookup row then stays zero). ``embedding.lookup=False`` drops
+  the per-element lookup altogether: every element, seen or not, is described by its descriptors
+  alone, so the network cannot give training elements properties their descriptors do not carry;
 * a graph-level SEGNN (6 layers, no norm, mean pool) with output ``1x0e`` per system.
 
 The target ``y_relaxed`` (eV) is standardised with the TRAINING mean and standard deviation; the
@@ -176,7 +178,7 @@ BATCH_DEFAULTS: Dict[str, Any] = {
     "buckets": (0.5, 0.75, 1.0),
 }
 
-EMBEDDING_DEFAULTS: Dict[str, Any] = {"dim": 256, "element_features": False}
+EMBEDDING_DEFAULTS: Dict[str, Any] = {"dim": 256, "element_features": False, "lookup": True}
 
 #: ``atoms``: ``"all"`` (the author's recipe: the graph-level SEGNN pools over every atom) or
 #: ``"adsorbate"``: the SEGNN gives one energy per atom and the system's energy is the sum over the
@@ -355,9 +357,13 @@ def validate_config(config: Any) -> Dict[str, Any]:
     positive_int(batch, "eval_batch_size", "config.batch", optional=True)
     check_budget_options(batch)
     positive_int(embedding, "dim", "config.embedding", optional=False)
-    if not isinstance(embedding["element_features"], bool):
-        raise ConfigError(f"config.embedding.element_features: expected true or false, got "
-                          f"{embedding['element_features']!r}")
+    for key in ("element_features", "lookup"):
+        if not isinstance(embedding[key], bool):
+            raise ConfigError(f"config.embedding.{key}: expected true or false, got "
+                              f"{embedding[key]!r}")
+    if not embedding["lookup"] and not embedding["element_features"]:
+        raise ConfigError("config.embedding.lookup: false needs config.embedding.element_features "
+                          "= true (an element must be described somehow)")
     alpha = baseline["ridge_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ConfigError(f"config.baseline.ridge_alpha: expected a number >= 0, got {alpha!r}")
@@ -432,7 +438,8 @@ def make_model(config: Any) -> hk.TransformedWithState:
     The graph's nodes carry "atomic_numbers" ``[N]`` int32, embedded by ``hk.Embed`` (name
     ``z_embedding``) into ``config.embedding.dim`` scalars; with ``embedding.element_features``
     the lookup starts at zero and a linear map of :func:`element_descriptors` (name
-    ``element_features``) is added.
+    ``element_features``) is added; with ``embedding.lookup=False`` the linear map of the
+    descriptors is the whole embedding.
     """
     cfg = validate_config(config)
     per_atom = cfg["readout"]["atoms"] == "adsorbate"
@@ -441,6 +448,7 @@ def make_model(config: Any) -> hk.TransformedWithState:
     lmax_attr = cfg["model"]["lmax_attr"]
     dim = cfg["embedding"]["dim"]
     descriptors = element_descriptors() if cfg["embedding"]["element_features"] else None
+    lookup = cfg["embedding"]["lookup"]
 
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
         graph = jax.tree.map(jnp.asarray, graph)  # host batches too (e.g. Haiku's init)
@@ -448,11 +456,12 @@ def make_model(config: Any) -> hk.TransformedWithState:
         if descriptors is None:
             embedded = hk.Embed(MAX_Z + 1, dim, name="z_embedding")(z)
         else:
-            # A zero start: an element never seen in training is described by its descriptors
-            # alone instead of by a random vector.
-            lookup = hk.Embed(MAX_Z + 1, dim, w_init=hk.initializers.Constant(0.0),
-                              name="z_embedding")(z)
-            embedded = lookup + hk.Linear(dim, name="element_features")(jnp.asarray(descriptors)[z])
+            embedded = hk.Linear(dim, name="element_features")(jnp.asarray(descriptors)[z])
+            if lookup:
+                # A zero start: an element never seen in training is described by its
+                # descriptors alone instead of by a random vector.
+                embedded += hk.Embed(MAX_Z + 1, dim, w_init=hk.initializers.Constant(0.0),
+                                     name="z_embedding")(z)
         st_graph = featurize(graph, embedded, lmax_attr=lmax_attr)
         out = factory()(st_graph, is_training).array[:, 0]  # [G], or [N] per atom
         if not per_atom:
