@@ -2,7 +2,6 @@
 
 import e3nn_jax as e3nn
 import haiku as hk
-import jax
 import jax.numpy as jnp
 import numpy as np
 
