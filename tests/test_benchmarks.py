@@ -146,3 +146,34 @@ def test_one_layer_instance_norm_bench_lowers_its_loss():
         bench.params, bench.state, bench.opt_state, loss = bench.call("train_step")
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_profile_ops_groups_operation_kinds():
+    from benchmarks import profile_ops
+
+    assert profile_ops.kind_of("concatenate.155") == "concatenate"
+    assert profile_ops.group_of("ynn_fusion") == profile_ops.group_of("dot") == "matmul"
+    for kind in ("concatenate", "copy_bitcast_fusion", "bitcast_pad_fusion", "wrapped_scatter"):
+        assert profile_ops.group_of(kind) == "data_movement", kind
+    for kind in ("multiply_add_fusion", "add_divide_fusion", "add_bitcast_fusion"):
+        assert profile_ops.group_of(kind) == "elementwise", kind
+
+
+def test_profile_ops_sums_operations_per_step_and_skips_runtime_events(tmp_path):
+    import gzip
+
+    from benchmarks import profile_ops
+
+    events = [
+        {"ph": "X", "name": "dot.1", "dur": 3000}, {"ph": "X", "name": "dot.2", "dur": 1000},
+        {"ph": "X", "name": "concatenate.7", "dur": 2000},
+        {"ph": "X", "name": "end: dot.1", "dur": 5},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+        {"ph": "X", "name": "$api.py:1 block_until_ready", "dur": 9000},
+        {"ph": "i", "name": "dot.3"},
+    ]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    kinds = profile_ops.operation_times(path, steps=2)
+    assert kinds == {"dot": {"ms": 2.0, "count": 1.0}, "concatenate": {"ms": 1.0, "count": 0.5}}
