@@ -9,7 +9,8 @@ which covers the matrix multiplies on CPU), ``copy_bitcast_fusion``. Kinds are t
 slice, gather, scatter, broadcast and fusions made only of those) and ``elementwise`` (the rest),
 which is what the note on the FLOP-rate gap rests on. Usage::
 
-    python benchmarks/profile_ops.py --configs nbody qm9 --out benchmarks/results/profile_ops_cpu.json
+    python benchmarks/profile_ops.py --configs nbody qm9 \
+        --out benchmarks/results/profile_ops_cpu.json
 
 The profiler's own overhead makes the traced steps slower than ``throughput.py``'s; the shares are
 what this measures. Run it on a quiet machine.
