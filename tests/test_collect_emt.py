@@ -64,3 +64,34 @@ def test_no_finished_run_is_an_error(tmp_path):
     (tmp_path / "runs").mkdir()
     assert _load_script().main(["--runs", str(tmp_path / "runs"), "--data", str(tmp_path),
                                 "--out", str(tmp_path / "x.json")]) == 1
+
+
+def test_ensemble_summary_reports_both_splits_next_to_the_baselines(tmp_path):
+    baselines = {"composition_ridge": 0.2, "adsorbate_composition_ridge": 0.08,
+                 "adsorbate_mean": 0.1, "train_mean": 0.4}
+    runs = [tmp_path / f"seed{k}" for k in range(2)]
+    for run in runs:
+        _fake_run(run, "ood_cat", 0.05, baselines)
+    calls = []
+
+    def evaluate(run_dirs, split):
+        calls.append((list(run_dirs), split))
+        mae = {"valid": 0.03, "test": 0.04}[split]
+        return {"mae_ev": mae, "ewt": 0.5, "count": 10, "member_mae_ev": [0.05, 0.06],
+                "member_ewt": [0.4, 0.3]}
+
+    summary = _load_script().ensemble_summary("x2", runs, evaluate=evaluate)
+    assert calls == [(runs, "valid"), (runs, "test")]
+    assert summary["mae_ev"] == 0.04 and summary["valid"]["mae_ev"] == 0.03
+    assert summary["test"]["member_mae_ev"] == [0.05, 0.06]
+    assert summary["best_baseline"] == "adsorbate_composition_ridge"
+    assert summary["best_baseline_over_segnn"] == pytest.approx(2.0)
+    assert summary["ridge_over_segnn"] == pytest.approx(5.0)
+
+
+def test_malformed_ensemble_argument_is_refused(tmp_path):
+    _fake_run(tmp_path / "runs" / "id", "id", 0.04, {"composition_ridge": 0.2,
+                                                      "adsorbate_mean": 0.1})
+    with pytest.raises(SystemExit):
+        _load_script().main(["--runs", str(tmp_path / "runs"), "--data", str(tmp_path),
+                             "--out", str(tmp_path / "x.json"), "--ensembles", "no_members"])

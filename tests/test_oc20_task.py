@@ -350,12 +350,19 @@ def emt_dir(tmp_path_factory):
     return out
 
 
-def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
-    assert get_task("oc20") is oc20
-    run_dir = tmp_path / "run"
-    # With the composition reference: evaluate and predict must add the same reference back.
+@pytest.fixture(scope="module")
+def emt_run(emt_dir, tmp_path_factory):
+    """A trained tiny run with the composition reference: ``(run_dir, results)``."""
+    run_dir = tmp_path_factory.mktemp("emt_run") / "run"
     results = oc20.train(_config(path=str(emt_dir), energy_reference="composition"), run_dir,
                          command="test")
+    return run_dir, results
+
+
+def test_train_evaluate_predict_on_emt(emt_run, tmp_path):
+    assert get_task("oc20") is oc20
+    # With the composition reference: evaluate and predict must add the same reference back.
+    run_dir, results = emt_run
     assert results["level_of_theory"] == "EMT"
     assert len(results["standardisation"]["element_energies"]) == len(
         results["standardisation"]["elements"])
@@ -405,6 +412,36 @@ def test_train_evaluate_predict_on_emt(emt_dir, tmp_path):
     (tmp_path / "junk.xyz").write_text("not a structure\n")
     with pytest.raises(oc20.OC20InputError, match="junk.xyz"):
         oc20.predict(run_dir, tmp_path / "junk.xyz")
+
+
+def test_ensemble_of_seeds_averages_split_predictions(emt_dir, emt_run, tmp_path):
+    import shutil
+
+    first, first_results = emt_run  # composition reference; this one has none
+    config = _config(path=str(emt_dir))
+    config.train.seed = 1
+    second_results = oc20.train(config, tmp_path / "seed1", command="test")
+    runs = [first, tmp_path / "seed1"]
+    ensemble = oc20.evaluate_ensemble(runs, "test")
+    members, target = ensemble["member_predicted_ev"], ensemble["target_ev"]
+    # Each member's host-side predictions reproduce its engine evaluation (its own reference).
+    for member, results in zip(members, (first_results, second_results)):
+        assert np.mean(np.abs(member - target)) == pytest.approx(results["test"]["mae_ev"],
+                                                                 rel=1e-4)
+    assert not np.allclose(members[0], members[1])
+    np.testing.assert_allclose(ensemble["predicted_ev"], (members[0] + members[1]) / 2)
+    assert ensemble["mae_ev"] == pytest.approx(np.mean(np.abs(ensemble["predicted_ev"] - target)))
+    assert ensemble["count"] == len(ensemble["names"]) == first_results["n_test"]
+
+    other = tmp_path / "other_split"  # same model, another split: not the same systems
+    shutil.copytree(first, other)
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["split_seed"] = 7
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="other_split"):
+        oc20.evaluate_ensemble([first, other], "test")
+    with pytest.raises(ValueError, match="at least one"):
+        oc20.evaluate_ensemble([], "test")
 
 
 def test_ood_split_on_emt_labels(emt_dir):

@@ -10,11 +10,14 @@ Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<spli
 
 Per split the JSON holds SEGNN's test ``mae_ev`` / ``ewt`` at the best validation epoch, the
 baselines' test MAE and EwT (ridge on composition + adsorbate one-hot, ridge on the adsorbate
-atoms' element counts, per-adsorbate mean, training mean; the strongest named), the sample counts, held-out groups, ``command``, ``git_revision`` and wall time of
-the run. Splits whose run has no ``results.json`` yet are listed under ``missing``. ``--variants``
+atoms' element counts, per-adsorbate mean, training mean; the strongest named), the sample
+counts, held-out groups, ``command``, ``git_revision`` and wall time of the run. Splits whose run has no ``results.json`` yet are listed under ``missing``. ``--variants``
 names further run directories under RUNS (e.g. a split re-run with another option), reported
-under ``variants`` and drawn as extra panels. ``--generation`` adds a JSON record of how the data
-set was generated (rate, interruptions).
+under ``variants`` and drawn as extra panels. ``--ensembles NAME=RUN,RUN,...`` evaluates the mean
+prediction of runs under RUNS that share a split (e.g. one recipe trained with three seeds) on its
+validation and test systems (:func:`segnn_jax.tasks.oc20.evaluate_ensemble`), reported under
+``ensembles`` with the members' own figures and the baselines of the split. ``--generation``
+adds a JSON record of how the data set was generated (rate, interruptions).
 """
 
 import argparse
@@ -66,6 +69,34 @@ def split_summary(run_dir: Path, description: str = "") -> dict:
         "command": results["command"],
         "git_revision": results["git_revision"],
         "run_dir": str(run_dir),
+    }
+
+
+def ensemble_summary(name: str, run_dirs: list, evaluate=None) -> dict:
+    """Validation and test figures of the mean prediction of ``run_dirs`` (one split), next to
+    the members' own and the split's baselines (from the first member's ``results.json``)."""
+    if evaluate is None:
+        from segnn_jax.tasks.oc20 import evaluate_ensemble as evaluate
+    first = split_summary(Path(run_dirs[0]))
+    figures = {split: evaluate(run_dirs, split) for split in ("valid", "test")}
+    keys = ("mae_ev", "ewt", "count", "member_mae_ev", "member_ewt")
+    test, valid = ({k: figures[split][k] for k in keys} for split in ("test", "valid"))
+    return {
+        "description": name,
+        "split": first["split"],
+        "members": [str(r) for r in run_dirs],
+        "mae_ev": test["mae_ev"],
+        "ewt": test["ewt"],
+        "test": test,
+        "valid": valid,
+        "baselines_test": first["baselines_test"],
+        "baselines_valid": first["baselines_valid"],
+        "best_baseline": first["best_baseline"],
+        "best_baseline_mae_ev": first["best_baseline_mae_ev"],
+        "best_baseline_over_segnn": first["best_baseline_mae_ev"] / test["mae_ev"],
+        "ridge_mae_ev": first["ridge_mae_ev"],
+        "ridge_over_segnn": first["ridge_mae_ev"] / test["mae_ev"],
+        "held_out": first["held_out"],
     }
 
 
@@ -151,6 +182,8 @@ def main(argv=None) -> int:
                         help="the split runs are RUNS/<split><suffix> (e.g. _adsorbate_ref)")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="further run directories under --runs to report (e.g. a fix)")
+    parser.add_argument("--ensembles", nargs="*", default=[], metavar="NAME=RUN,RUN",
+                        help="mean prediction of run directories under --runs sharing a split")
     parser.add_argument("--generation", type=Path, default=None,
                         help="JSON record of the generation of the data set")
     parser.add_argument("--note", default="")
@@ -163,6 +196,12 @@ def main(argv=None) -> int:
     if not summaries:
         print(f"no finished run under {args.runs}", file=sys.stderr)
         return 1
+    ensembles = {}
+    for spec in args.ensembles:
+        name, _, members = spec.partition("=")
+        if not members:
+            parser.error(f"--ensembles expects NAME=RUN,RUN,..., got {spec!r}")
+        ensembles[name] = ensemble_summary(name, [args.runs / m for m in members.split(",")])
     figure = args.out.with_suffix(".png")
     plot({**summaries, **variants}, args.runs, figure)
     results = {
@@ -173,6 +212,7 @@ def main(argv=None) -> int:
         "dataset": dataset_summary(args.data, args.generation),
         "splits": summaries,
         "variants": variants,
+        "ensembles": ensembles,
         "missing": [s for s in SPLITS if s not in summaries],
         "figure": os.path.relpath(figure, args.out.parent),
         "command": " ".join(["python", *_without_note(sys.argv)]),
@@ -186,6 +226,11 @@ def main(argv=None) -> int:
               f"baseline {s['best_baseline']} {s['best_baseline_mae_ev']:.4f} "
               f"({s['best_baseline_over_segnn']:.2f}x SEGNN) | "
               f"n {s['n_train']}/{s['n_valid']}/{s['n_test']}")
+    for name, e in ensembles.items():
+        print(f"{name}: ensemble of {len(e['members'])} MAE {e['mae_ev']:.4f} eV (members "
+              f"{', '.join(f'{m:.4f}' for m in e['test']['member_mae_ev'])}), validation "
+              f"{e['valid']['mae_ev']:.4f} | ridge {e['ridge_mae_ev']:.4f} | best baseline "
+              f"{e['best_baseline']} {e['best_baseline_mae_ev']:.4f}")
     return 0
 
 

@@ -1175,6 +1175,79 @@ def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
     return out
 
 
+def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
+                      systems: Optional[Sequence[System]] = None) -> Dict[str, Any]:
+    """The best checkpoint's adsorption energies (eV) for every system of a split, in split order.
+
+    Args:
+        run_dir: an IS2RE run directory.
+        split: "train", "valid" or "test" of the run's own split.
+        systems: the run's data set already loaded (:func:`load_systems` of its
+            ``config.data.path``), to skip reading it again.
+
+    Returns:
+        ``{"names", "predicted_ev", "target_ev", "checkpoint_step", "level_of_theory"}``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    cfg, stats = _read_run(Path(run_dir))
+    if cfg["data"]["dataset"] != "is2re":
+        raise ConfigError("config.data.dataset: split predictions need an IS2RE run, not a "
+                          "cross-validation")
+    if systems is None:
+        systems, _ = load_systems(_data_path(cfg))
+    chosen = split_systems(cfg, systems)[0][split]
+    loader = make_loaders(cfg, {split: chosen}, stats)[split]
+    model = make_model(cfg)
+    params, model_state, step = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
+    apply = jax.jit(lambda graph: model.apply(params, model_state, None, graph, False)[0])
+    # The evaluation loader does not shuffle: its real graphs, batch after batch, are the split.
+    standardised = np.concatenate([np.asarray(apply(batch))[np.asarray(graph_mask(batch))]
+                                   for batch in loader.epoch_batches(0)]).astype(np.float64)
+    predicted = standardised * stats.std + stats.mean + np.asarray(
+        [stats.reference(system) for system in chosen])
+    return {"names": [system.name for system in chosen], "predicted_ev": predicted,
+            "target_ev": np.asarray([system.energy for system in chosen], np.float64),
+            "checkpoint_step": step, "level_of_theory": stats.level_of_theory}
+
+
+def evaluate_ensemble(run_dirs: Sequence[Union[str, Path]], split: str = "test") -> Dict[str, Any]:
+    """MAE and EwT of the mean prediction of several IS2RE runs on the same split.
+
+    The runs (e.g. one recipe trained with different ``train.seed``) must share the data set and
+    the split: the same systems in the same order, else a ValueError names the first run that
+    differs (checked before any model runs).
+
+    Returns:
+        ``{"split", "members", "mae_ev", "ewt", "count", "member_mae_ev", "member_ewt",
+        "level_of_theory", "names", "predicted_ev", "member_predicted_ev", "target_ev"}``;
+        ``member_*`` in the order of ``run_dirs``, ``predicted_ev`` the ensemble mean.
+    """
+    if not run_dirs:
+        raise ValueError("evaluate_ensemble needs at least one run directory")
+    loaded: Dict[str, List[System]] = {}
+    names = []
+    for run_dir in run_dirs:
+        cfg, _ = _read_run(Path(run_dir))
+        path = _data_path(cfg)
+        if path not in loaded:
+            loaded[path] = load_systems(path)[0]
+        names.append([system.name for system in split_systems(cfg, loaded[path])[0][split]])
+        if names[-1] != names[0]:
+            raise ValueError(f"{run_dir}: its {split} split holds other systems than that of "
+                             f"{run_dirs[0]}; an ensemble needs the same data and split")
+    members = [split_predictions(run_dir, split, systems=loaded[_data_path(_read_run(
+        Path(run_dir))[0])]) for run_dir in run_dirs]
+    target = members[0]["target_ev"]
+    mean = np.mean([member["predicted_ev"] for member in members], axis=0)
+    each = [energy_metrics(member["predicted_ev"], target) for member in members]
+    return {"split": split, "members": [str(r) for r in run_dirs], **energy_metrics(mean, target),
+            "member_mae_ev": [m["mae_ev"] for m in each], "member_ewt": [m["ewt"] for m in each],
+            "level_of_theory": members[0]["level_of_theory"], "names": names[0],
+            "predicted_ev": mean, "member_predicted_ev": [m["predicted_ev"] for m in members],
+            "target_ev": target}
+
+
 def read_structures(paths: Sequence[Union[str, Path]]) -> List[System]:
     """Systems (energy NaN) from ASE-readable files, every frame of every file.
 
