@@ -11,6 +11,7 @@ import e3nn_jax as e3nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from segnn_jax import tensor_product as tp
 from segnn_jax.tensor_product_cue import product_function
@@ -125,14 +126,16 @@ def _segment_dtype(segment: tp.Segment):
 
 
 def _add_scalar_biases(x: e3nn.IrrepsArray, bias: jnp.ndarray) -> e3nn.IrrepsArray:
-    x = e3nn.IrrepsArray(x.irreps, x.array)  # dense: no zero-flagged chunks
-    chunks, used = [], 0
-    for (mul, ir), chunk in zip(x.irreps, x.chunks):
+    # One addition of a full-width vector (zero on the l > 0 components): cutting the rows into
+    # chunks instead would cost a pad and a sum per chunk in the backward pass.
+    pieces, used = [], 0
+    for mul, ir in x.irreps:
         if ir == e3nn.Irrep("0e"):
-            chunk = chunk + bias[used:used + mul, None]
+            pieces.append(bias[used:used + mul].astype(x.dtype))
             used += mul
-        chunks.append(chunk)
-    return e3nn.from_chunks(x.irreps, chunks, x.shape[:-1], x.dtype)
+        else:
+            pieces.append(jnp.zeros((mul * ir.dim,), x.dtype))
+    return e3nn.IrrepsArray(x.irreps, x.array + jnp.concatenate(pieces))
 
 
 def gate_irreps(irreps_out) -> e3nn.Irreps:
@@ -165,16 +168,14 @@ def gate(x: e3nn.IrrepsArray, irreps_out) -> e3nn.IrrepsArray:
     n_scalars = sum(mul for mul, ir in irreps_out if ir == e3nn.Irrep("0e"))
     gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
     n_gates = gated.num_irreps
-    scalars = jax.nn.silu(x.array[..., :n_scalars])
-    gates = jax.nn.sigmoid(x.array[..., n_scalars:n_scalars + n_gates])
-    rest = x.array[..., n_scalars + n_gates:]
-    pieces, start, g = [scalars], 0, 0
-    for mul, ir in gated:
-        block = rest[..., start:start + mul * ir.dim].reshape(rest.shape[:-1] + (mul, ir.dim))
-        block = block * gates[..., g:g + mul, None]
-        pieces.append(block.reshape(rest.shape[:-1] + (mul * ir.dim,)))
-        start += mul * ir.dim
-        g += mul
+    # One split (its transpose is one concatenate; slices would each be padded back and summed).
+    offsets = np.cumsum([n_scalars, n_gates] + [mul * ir.dim for mul, ir in gated])[:-1]
+    scalars, gates, *blocks = jnp.split(x.array, offsets, axis=-1)
+    gates = jnp.split(jax.nn.sigmoid(gates), np.cumsum([mul for mul, _ in gated])[:-1], axis=-1)
+    pieces = [jax.nn.silu(scalars)]
+    for block, gate_of_block, (mul, ir) in zip(blocks, gates, gated):
+        block = block.reshape(block.shape[:-1] + (mul, ir.dim)) * gate_of_block[..., None]
+        pieces.append(block.reshape(block.shape[:-2] + (mul * ir.dim,)))
     # Output order: scalars first, then the gated irreps, as in irreps_out after regroup().
     return e3nn.IrrepsArray(
         e3nn.Irreps(f"{n_scalars}x0e") + gated, jnp.concatenate(pieces, axis=-1)

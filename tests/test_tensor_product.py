@@ -182,3 +182,22 @@ def test_tiled_rows_falls_back_to_one_pass(keys):
     for tile, data in ((None, x[0]), (8, x[0]), (2, x)):
         np.testing.assert_array_equal(tp.tiled_rows(rows, [data], None, tile).array, data.array)
     assert calls == [(4, 5), (4, 5), (3, 4, 5)]
+
+
+def test_split_chunks_equal_the_chunks_in_value_and_gradient(keys):
+    x = e3nn.normal("3x0e+2x1o+0x2e+1x2e", next(keys), (4,))
+    weights = [jax.random.normal(next(keys), (4,) + c.shape[1:]) for c in x.chunks]
+
+    def loss(chunks_of, array):
+        chunks = chunks_of(e3nn.IrrepsArray(x.irreps, array))
+        return sum(jnp.sum(jnp.sin(c) * w) for c, w in zip(chunks, weights))
+
+    split = tp.split_chunks(x)
+    assert [c.shape for c in split] == [c.shape for c in x.chunks]
+    for ours, theirs in zip(split, x.chunks):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_allclose(jax.grad(lambda a: loss(tp.split_chunks, a))(x.array),
+                               jax.grad(lambda a: loss(lambda y: y.chunks, a))(x.array),
+                               rtol=1e-6)
+    single = e3nn.normal("2x1o", next(keys), (3,))
+    np.testing.assert_array_equal(tp.split_chunks(single)[0], single.chunks[0])
