@@ -118,8 +118,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args(argv)
+    from segnn_jax.training import git_revision
+
     result = {
         "settings": {"configs": args.configs, "steps": args.steps, "warmup": args.warmup},
+        "git_revision": git_revision(),
         "versions": common.versions(),
         "cpu": common.cpu_info(),
         "configs": {},
