@@ -112,6 +112,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
                 "git_revision", "baselines"):
         assert key in results, key
     assert results["n_train"] == 16 and results["epochs"] == 1 and results["best_epoch"] == 1
+    assert results["n_train_samples"] == 16 and results["train_input_frames"] is None
     assert np.isfinite(results["test_mse"])
     for name in ("config.json", "metrics.jsonl", "learning_curves.png", "run_info.json"):
         assert (run_dir / name).is_file(), name

@@ -399,7 +399,8 @@ def run_nbody(config: Any, run_dir: Union[str, Path], *, command: Optional[str] 
 
     Returns:
         The results written to ``run_dir/results.json``: ``test_mse``, ``val_mse``, ``best_epoch``
-        (epochs trained when the best validation was reached), ``epochs``, ``n_train``,
+        (epochs trained when the best validation was reached), ``epochs``, ``n_train`` (training
+        simulations), ``n_train_samples`` (their (input, target) pairs),
         ``wall_time_s``, ``command``, ``git_revision``, ``baselines`` and more.
     """
     cfg = validate_config(config)
@@ -431,6 +432,8 @@ def run_nbody(config: Any, run_dir: Union[str, Path], *, command: Optional[str] 
         "best_step": best["step"] if best else None,
         "epochs": cfg["train"]["num_epochs"],
         "n_train": cfg["data"]["n_train"],
+        "train_input_frames": cfg["data"]["train_input_frames"],
+        "n_train_samples": len(splits["train"].positions),
         "n_valid": cfg["data"]["n_valid"],
         "n_test": cfg["data"]["n_test"],
         "wall_time_s": round(time.perf_counter() - start, 1),
