@@ -1228,18 +1228,18 @@ def evaluate_ensemble(run_dirs: Sequence[Union[str, Path]], split: str = "test")
     if not run_dirs:
         raise ValueError("evaluate_ensemble needs at least one run directory")
     loaded: Dict[str, List[System]] = {}
-    names = []
+    paths, names = [], []
     for run_dir in run_dirs:
         cfg, _ = _read_run(Path(run_dir))
-        path = _data_path(cfg)
-        if path not in loaded:
-            loaded[path] = load_systems(path)[0]
-        names.append([system.name for system in split_systems(cfg, loaded[path])[0][split]])
+        paths.append(_data_path(cfg))
+        if paths[-1] not in loaded:
+            loaded[paths[-1]] = load_systems(paths[-1])[0]
+        names.append([system.name for system in split_systems(cfg, loaded[paths[-1]])[0][split]])
         if names[-1] != names[0]:
             raise ValueError(f"{run_dir}: its {split} split holds other systems than that of "
                              f"{run_dirs[0]}; an ensemble needs the same data and split")
-    members = [split_predictions(run_dir, split, systems=loaded[_data_path(_read_run(
-        Path(run_dir))[0])]) for run_dir in run_dirs]
+    members = [split_predictions(run_dir, split, systems=loaded[path])
+               for run_dir, path in zip(run_dirs, paths)]
     target = members[0]["target_ev"]
     mean = np.mean([member["predicted_ev"] for member in members], axis=0)
     each = [energy_metrics(member["predicted_ev"], target) for member in members]
