@@ -1156,25 +1156,26 @@ def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
     Returns:
         ``{"split", "mae_ev", "ewt", "count", "level_of_theory", "checkpoint_step"}``.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    cfg, stats = _read_run(Path(run_dir))
-    if cfg["data"]["dataset"] != "is2re":
-        raise ConfigError("config.data.dataset: evaluate re-splits IS2RE data; the test metrics of "
-                          "each cross-validation fold are in the run's results.json (predict works "
-                          "with a fold's run directory)")
-    systems, _ = load_systems(_data_path(cfg))
-    splits, _ = split_systems(cfg, systems)
-    loader = make_loaders(cfg, {split: splits[split]}, stats)[split]
-    model = make_model(cfg)
-    params, model_state, step = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
-    metrics = training.evaluate(training.make_eval_step(make_loss_fn(model, stats.std)), params,
-                                model_state, loader)
-    out = {"split": split, **_segnn_metrics(metrics), "level_of_theory": stats.level_of_theory,
-           "checkpoint_step": step}
-    print(f"OC20 ({stats.level_of_theory}) {split}: MAE {out['mae_ev']:.4f} eV, EwT "
+    predictions = split_predictions(run_dir, split)
+    out = {"split": split, **energy_metrics(predictions["predicted_ev"], predictions["target_ev"]),
+           "level_of_theory": predictions["level_of_theory"],
+           "checkpoint_step": predictions["checkpoint_step"]}
+    print(f"OC20 ({out['level_of_theory']}) {split}: MAE {out['mae_ev']:.4f} eV, EwT "
           f"{out['ewt']:.3f} over {out['count']} systems", flush=True)
     return out
+
+
+def _energies_ev(apply, loader: GraphLoader, systems: Sequence[System],
+                 stats: Standardisation) -> np.ndarray:
+    """``[S]`` adsorption energies (eV, float64) of ``systems`` from a model's standardised outputs.
+
+    ``loader`` must hold exactly ``systems`` without shuffling: the real graphs of its batches,
+    concatenated, are then the systems in order.
+    """
+    standardised = np.concatenate([np.asarray(apply(batch))[np.asarray(graph_mask(batch))]
+                                   for batch in loader.epoch_batches(0)]).astype(np.float64)
+    return standardised * stats.std + stats.mean + np.asarray(
+        [stats.reference(system) for system in systems])
 
 
 def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
@@ -1194,8 +1195,9 @@ def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     cfg, stats = _read_run(Path(run_dir))
     if cfg["data"]["dataset"] != "is2re":
-        raise ConfigError("config.data.dataset: split predictions need an IS2RE run, not a "
-                          "cross-validation")
+        raise ConfigError("config.data.dataset: evaluate re-splits IS2RE data; the test metrics of "
+                          "each cross-validation fold are in the run's results.json (predict works "
+                          "with a fold's run directory)")
     if systems is None:
         systems, _ = load_systems(_data_path(cfg))
     chosen = split_systems(cfg, systems)[0][split]
@@ -1203,11 +1205,7 @@ def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
     model = make_model(cfg)
     params, model_state, step = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
     apply = jax.jit(lambda graph: model.apply(params, model_state, None, graph, False)[0])
-    # The evaluation loader does not shuffle: its real graphs, batch after batch, are the split.
-    standardised = np.concatenate([np.asarray(apply(batch))[np.asarray(graph_mask(batch))]
-                                   for batch in loader.epoch_batches(0)]).astype(np.float64)
-    predicted = standardised * stats.std + stats.mean + np.asarray(
-        [stats.reference(system) for system in chosen])
+    predicted = _energies_ev(apply, loader, chosen, stats)
     return {"names": [system.name for system in chosen], "predicted_ev": predicted,
             "target_ev": np.asarray([system.energy for system in chosen], np.float64),
             "checkpoint_step": step, "level_of_theory": stats.level_of_theory}
@@ -1323,13 +1321,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path, Sequence[Uni
     eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
     loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size),
                          buckets=cfg["batch"]["buckets"])
-    # Without shuffling the loader keeps the input order; the real graphs of the batches,
-    # concatenated, are the systems in order.
-    standardised = np.concatenate([
-        trained.apply(batch)[np.asarray(graph_mask(batch))]
-        for batch in loader.epoch_batches(0)]).astype(np.float64)
-    energies = standardised * stats.std + stats.mean + np.asarray(
-        [stats.reference(s) for s in systems])
+    energies = _energies_ev(trained.apply, loader, systems, stats)
     first = Path(paths[0])
     output_path = Path(output_path) if output_path is not None else \
         first.with_name(f"{first.stem}_adsorption_energy.csv")
