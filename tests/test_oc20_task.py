@@ -162,6 +162,43 @@ def test_group_split_holds_out_whole_groups():
         oc20.group_split(["a", "b", "a"], 0.3, 0.3, seed=0)
 
 
+def test_group_split_named_groups():
+    labels = [g for g in ("Ag", "Al", "Au", "Cu", "Ni", "Pd", "Pt") for _ in range(10)]
+    indices, groups = oc20.group_split(labels, 0.1, 0.1, seed=0, test_groups=["Pt"],
+                                       valid_groups=["Au"])
+    assert groups == {"test": ["Pt"], "valid": ["Au"],
+                      "train": ["Ag", "Al", "Cu", "Ni", "Pd"]}
+    assert {labels[i] for i in indices["test"]} == {"Pt"} and len(indices["test"]) == 10
+    assert sorted(np.concatenate(list(indices.values())).tolist()) == list(range(70))
+    # Naming only the test groups: validation is filled from the seeded order of the rest.
+    _, only_test = oc20.group_split(labels, 0.1, 0.1, seed=3, test_groups=("Al",))
+    assert only_test["test"] == ["Al"] and only_test["valid"]
+    assert "Al" not in only_test["valid"] + only_test["train"]
+    with pytest.raises(oc20.OC20DataError, match=r"test_groups: \['Zn'\] not in the data"):
+        oc20.group_split(labels, 0.1, 0.1, seed=0, test_groups=["Zn"])
+    with pytest.raises(oc20.OC20DataError, match="both name"):
+        oc20.group_split(labels, 0.1, 0.1, seed=0, test_groups=["Pt"], valid_groups=["Pt", "Au"])
+    with pytest.raises(oc20.OC20DataError, match="no group left for training"):
+        oc20.group_split(labels[:30], 0.1, 0.1, seed=0, test_groups=["Ag"],
+                         valid_groups=["Al", "Au"])
+
+
+def test_split_systems_named_metals_and_config_checks():
+    systems = [_slab_system()._replace(catalyst=m, adsorbate=a, name=f"{m}{a}{k}")
+               for k, (m, a) in enumerate((m, a) for m in "ABCDEF" for a in ("O", "H") * 3)]
+    cfg = oc20.validate_config(_config(split="ood_cat", test_groups="C", valid_groups=["E"]))
+    assert cfg["data"]["test_groups"] == ("C",) and cfg["data"]["valid_groups"] == ("E",)
+    splits, info = oc20.split_systems(cfg, systems)
+    assert {s.catalyst for s in splits["test"]} == {"C"}
+    assert {s.catalyst for s in splits["valid"]} == {"E"}
+    assert info["groups"]["train"] == ["A", "B", "D", "F"]
+    with pytest.raises(ConfigError, match=r"config\.data\.test_groups: names held-out groups"):
+        oc20.validate_config(_config(split="id", test_groups=("C",)))
+    for bad in ((), ("C", "C"), ("C", 3), 7):
+        with pytest.raises(ConfigError, match=r"config\.data\.valid_groups: expected group"):
+            oc20.validate_config(_config(split="ood_cat", valid_groups=bad))
+
+
 def test_split_systems_by_metal():
     systems = [_slab_system()._replace(catalyst=m, adsorbate=a, name=f"{m}{a}{k}")
                for k, (m, a) in enumerate((m, a) for m in "ABCDEF" for a in ("O", "H") * 3)]

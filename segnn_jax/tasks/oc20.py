@@ -162,6 +162,10 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "split_seed": 0,
     "valid_fraction": 0.1,
     "test_fraction": 0.1,
+    # OOD splits only: the groups (adsorbate or metal labels) of the test / validation split, in
+    # place of the seeded choice, e.g. ("Pt",) for one fold of a leave-one-metal-out study.
+    "test_groups": None,
+    "valid_groups": None,
     "n_train": None,
     "n_valid": None,
     "n_test": None,
@@ -308,6 +312,21 @@ def _fraction(section: Mapping[str, Any], key: str, name: str) -> None:
         raise ConfigError(f"{name}.{key}: expected a number in (0, 1), got {value!r}")
 
 
+def _group_names(data: Mapping[str, Any], key: str) -> Optional[Tuple[str, ...]]:
+    """``data[key]`` as a tuple of group labels (a single label is accepted), or None."""
+    value = data[key]
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else value
+    if (not isinstance(names, (list, tuple)) or not names
+            or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names)):
+        raise ConfigError(f"config.data.{key}: expected group labels (e.g. ('Pt',)), got {value!r}")
+    if data["split"] == "id":
+        raise ConfigError(f"config.data.{key}: names held-out groups, which only the 'ood_ads' "
+                          f"and 'ood_cat' splits have; data.split is 'id'")
+    return tuple(names)
+
+
 def validate_config(config: Any) -> Dict[str, Any]:
     """Checks a whole OC20 config and returns it as a plain nested dict with defaults filled in.
 
@@ -353,6 +372,8 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["valid_fraction"] + data["test_fraction"] >= 1:
         raise ConfigError("config.data.test_fraction: valid_fraction + test_fraction must be < 1, "
                           f"got {data['valid_fraction']} + {data['test_fraction']}")
+    for key in ("test_groups", "valid_groups"):
+        data[key] = _group_names(data, key)
     for key in ("n_train", "n_valid", "n_test"):
         positive_int(data, key, "config.data", optional=True)
     positive_int(batch, "batch_size", "config.batch", optional=False)
@@ -659,37 +680,52 @@ def random_split(n: int, valid_fraction: float, test_fraction: float,
 
 
 def group_split(groups: Sequence[str], valid_fraction: float, test_fraction: float,
-                seed: int) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
+                seed: int, *, test_groups: Optional[Sequence[str]] = None,
+                valid_groups: Optional[Sequence[str]] = None
+                ) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
     """Out-of-distribution split: whole groups (adsorbates or catalysts) held out.
 
     Groups are taken in a seeded random order: the test split gets groups until it holds at least
     ``test_fraction`` of the systems (at least one group), the validation split the next ones until
-    ``valid_fraction``, training the rest, so no group is in two splits.
+    ``valid_fraction``, training the rest, so no group is in two splits. ``test_groups`` /
+    ``valid_groups`` name a split's groups instead (e.g. one fold of a leave-one-metal-out study);
+    a split without them is filled from the seeded order of the groups left.
 
     Returns:
         ``(indices, groups)``: ``indices[split]`` the systems (in a seeded random order),
         ``groups[split]`` the sorted group labels of each split.
 
     Raises:
-        OC20DataError: fewer than three groups, or no group left for training.
+        OC20DataError: fewer than three groups, a named group the data do not hold, a group named
+            for both splits, or no group left for training.
     """
     labels = np.asarray([str(g) for g in groups], dtype=object)
     unique = sorted(set(labels))
     if len(unique) < 3:
         raise OC20DataError(f"a held-out-group split needs at least 3 distinct groups, the data "
                             f"has {len(unique)}: {unique}")
+    named = {"test": list(test_groups or ()), "valid": list(valid_groups or ())}
+    for split, names in named.items():
+        unknown = sorted(set(names) - set(unique))
+        if unknown:
+            raise OC20DataError(f"data.{split}_groups: {unknown} not in the data; its groups are "
+                                f"{unique}")
+    both = sorted(set(named["test"]) & set(named["valid"]))
+    if both:
+        raise OC20DataError(f"data.test_groups and data.valid_groups both name {both}")
     rng = np.random.RandomState(seed)
     order = [unique[k] for k in rng.permutation(len(unique))]
     counts = Counter(labels.tolist())
     assigned: Dict[str, List[str]] = {"test": [], "valid": [], "train": []}
-    position = 0
+    free = [g for g in order if g not in named["test"] and g not in named["valid"]]
     for split, fraction in (("test", test_fraction), ("valid", valid_fraction)):
-        while position < len(order) and (
-                not assigned[split] or
-                sum(counts[g] for g in assigned[split]) < fraction * len(labels)):
-            assigned[split].append(order[position])
-            position += 1
-    assigned["train"] = order[position:]
+        if named[split]:
+            assigned[split] = named[split]
+            continue
+        while free and (not assigned[split] or
+                        sum(counts[g] for g in assigned[split]) < fraction * len(labels)):
+            assigned[split].append(free.pop(0))
+    assigned["train"] = free
     if not assigned["train"] or not assigned["valid"]:
         raise OC20DataError(f"no group left for {'training' if assigned['valid'] else 'validation'}"
                             f" after holding out {assigned['test']} / {assigned['valid']}; lower "
@@ -721,7 +757,8 @@ def split_systems(cfg: Dict[str, Any], systems: Sequence[System]
     else:
         labels = [s.adsorbate if data["split"] == "ood_ads" else s.catalyst for s in systems]
         indices, groups = group_split(labels, data["valid_fraction"], data["test_fraction"],
-                                      data["split_seed"])
+                                      data["split_seed"], test_groups=data["test_groups"],
+                                      valid_groups=data["valid_groups"])
         info["groups"] = groups
     out = {}
     for split in SPLITS:
