@@ -42,7 +42,9 @@ Splits (``data.split``): ``"id"`` a seeded random split; ``"ood_ads"`` whole ads
 training (validation and test adsorbates are disjoint from each other and from training);
 ``"ood_cat"`` whole catalysts (metals) held out. The labels come from the records' ``adsorbate`` and
 ``metal`` fields (the EMT generator writes them); files without them fall back to the formula of the
-tag-2 (adsorbate) atoms and of the slab atoms.
+tag-2 (adsorbate) atoms and of the slab atoms. The held-out groups are drawn with ``split_seed``
+unless ``data.test_groups`` / ``data.valid_groups`` name them (one fold of a leave-one-metal-out
+study: ``experiments/oc20/leave_one_out.py``).
 
 Next to SEGNN every run reports a composition + adsorbate baseline: ridge regression (closed form)
 on the element counts of the structure and a one-hot of the adsorbate, fitted on the training split
