@@ -105,16 +105,18 @@ def _predictor(model, params, state):
     return predict
 
 
-@pytest.mark.parametrize("centering, predict_from", [
-    ("centroid", "input_position"), ("reference_per_particle", "input_position"),
-    ("centroid", "constant_velocity")])
+@pytest.mark.parametrize("centering, predict_from, velocity_frame", [
+    ("centroid", "input_position", "lab"), ("reference_per_particle", "input_position", "lab"),
+    ("centroid", "constant_velocity", "lab"), ("centroid", "input_position", "centre_of_mass")])
 def test_equivariance_end_to_end_from_raw_simulation_input(config, splits, initial, keys,
-                                                           centering, predict_from):
+                                                           centering, predict_from,
+                                                           velocity_frame):
     """Rotate+reflect+translate positions and velocities and permute the bodies of raw simulated
     systems: the predicted positions transform the same way, unless the reference's centring is
     used (which the project keeps only for comparison)."""
     cfg = nbody.validate_config(config)
-    cfg["data"].update(centering=centering, predict_from=predict_from)
+    cfg["data"].update(centering=centering, predict_from=predict_from,
+                       velocity_frame=velocity_frame)
     model = nbody.make_model(cfg)
     data = splits["test"]
     params, state = initial
@@ -134,6 +136,46 @@ def test_equivariance_end_to_end_from_raw_simulation_input(config, splits, initi
         assert relative < 1e-4 and relative_displacement < 1e-3, (relative, relative_displacement)
     else:
         assert relative_displacement > 0.05, "the reference's centring should break equivariance"
+
+
+def test_centre_of_mass_frame_features_are_boost_invariant(splits):
+    data = splits["train"]
+    st = jax.jit(lambda g: nbody.featurize(g, lmax_attr=1, velocity_frame="centre_of_mass"))(
+        _batch(data))
+    n = data.positions.size // 3
+    relative = (data.velocities - data.velocities.mean(axis=1, keepdims=True)).reshape(-1, 3)
+    features = np.asarray(st.node_features.array)[:n]
+    np.testing.assert_allclose(features[:, 3:6], relative, atol=1e-6)
+    np.testing.assert_allclose(features[:, 6], np.linalg.norm(relative, axis=1), rtol=1e-5,
+                               atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(st.node_attributes.array)))  # padding rows too
+    with pytest.raises(ValueError, match="velocity_frame"):
+        nbody.featurize(_batch(data), lmax_attr=1, velocity_frame="galilean")
+
+
+@pytest.mark.parametrize("predict_from", ["input_position", "constant_velocity"])
+def test_galilean_boost_moves_the_prediction_by_the_drift_in_the_centre_of_mass_frame(
+        config, splits, initial, predict_from):
+    """Boosting every velocity by u moves the true target by h u (the forces depend on relative
+    positions only). In the centre-of-mass frame the model does the same exactly; in the lab frame
+    (the reference) it does not."""
+    data = splits["test"]
+    boost = np.float32([0.4, -0.3, 0.2])
+    boosted = data._replace(velocities=data.velocities + boost)
+    params, state = initial
+    h = nbody.horizon(config)
+    for frame, exact in (("centre_of_mass", True), ("lab", False)):
+        cfg = nbody.validate_config(config)
+        cfg["data"].update(velocity_frame=frame, predict_from=predict_from)
+        predict = _predictor(nbody.make_model(cfg), params, state)
+        predicted, moved = predict(data), predict(boosted)
+        error = np.max(np.abs(moved - (predicted + h * boost)))
+        scale = np.max(np.abs(predicted - data.positions))  # the size of the predicted motion
+        assert (error < 1e-4 * scale) == exact, (frame, error, scale)
+    with pytest.raises(ConfigError, match=r"config\.data\.velocity_frame"):
+        cfg = nbody.validate_config(config)
+        cfg["data"]["velocity_frame"] = "boosted"
+        nbody.validate_config(cfg)
 
 
 def test_loss_is_the_mse_over_all_elements_and_ignores_padding(config, splits, initial):

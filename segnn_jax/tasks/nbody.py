@@ -16,6 +16,12 @@ Pipeline (SEGNN.md section 2.7, with the graph centroid instead of the reference
   instead (``h`` the time between the input and target frames), so the network only learns the
   correction due to the forces; the inputs are the same and the guess is equivariant, so the
   model stays E(3)-equivariant.
+* ``velocity_frame="centre_of_mass"`` (beyond the reference, which uses ``"lab"``): the velocity
+  inputs and attributes are taken relative to the graph's centre-of-mass velocity ``V`` (the mean
+  velocity weighted by the masses; unit masses for charged), and the prediction adds the drift
+  ``h V`` (included in ``p_i + h v_i`` with ``predict_from="constant_velocity"``). The forces of
+  both systems depend on relative positions only, so a boost of every velocity by ``u`` moves the
+  target by ``h u``; in this frame the model has that symmetry exactly instead of learning it.
 
 The loss is the MSE over all elements (systems x bodies x coordinates), the formula of the trivial
 baselines of :func:`segnn_jax.datasets.nbody.trivial_baselines`: ``loss_fn`` returns the sum of
@@ -86,6 +92,9 @@ DESCRIPTION = "N-body: predict positions 1000 steps ahead (charged particles, gr
 
 CENTERINGS = ("centroid", "reference_per_particle")
 
+# Velocities as given ("lab", the reference) or relative to the graph's centre-of-mass velocity.
+VELOCITY_FRAMES = ("lab", "centre_of_mass")
+
 # What the network's 1x1o output is added to: the input position (the reference) or the
 # constant-velocity guess x + horizon v.
 PREDICTION_ORIGINS = ("input_position", "constant_velocity")
@@ -106,6 +115,7 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "neighbours": None,
     "centering": "centroid",
     "predict_from": "input_position",
+    "velocity_frame": "lab",
 }
 
 BATCH_DEFAULTS: Dict[str, Any] = {
@@ -168,6 +178,9 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["predict_from"] not in PREDICTION_ORIGINS:
         raise ConfigError(f"config.data.predict_from: expected one of {PREDICTION_ORIGINS}, "
                           f"got {data['predict_from']!r}")
+    if data["velocity_frame"] not in VELOCITY_FRAMES:
+        raise ConfigError(f"config.data.velocity_frame: expected one of {VELOCITY_FRAMES}, "
+                          f"got {data['velocity_frame']!r}")
     if data["data_dir"] is not None and not isinstance(data["data_dir"], str):
         raise ConfigError(f"config.data.data_dir: expected a path or None, "
                           f"got {data['data_dir']!r}")
@@ -202,6 +215,20 @@ def _train_input_frames(data: Dict[str, Any], sizes: nbody_data.NBodyConfig) -> 
 # Featurizer and model
 
 
+def _graph_mean(graph: jraph.GraphsTuple, values: jnp.ndarray,
+                weights: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """``[N, 3]``: the weighted mean of ``values`` over the real nodes of each node's graph."""
+    n_nodes, n_graphs = values.shape[0], graph.n_node.shape[0]
+    index = node_graph_index(graph, n_nodes)
+    weight = node_mask(graph, n_nodes).astype(values.dtype)  # padding nodes do not count
+    if weights is not None:
+        weight = weight * weights.astype(values.dtype)
+    total = jax.ops.segment_sum(values * weight[:, None], index, num_segments=n_graphs)
+    norm = jax.ops.segment_sum(weight, index, num_segments=n_graphs)
+    mean = total / jnp.where(norm > 0, norm, 1.0)[:, None]  # [G, 3]
+    return mean[index]
+
+
 def _centred_positions(graph: jraph.GraphsTuple, centering: str) -> jnp.ndarray:
     positions = graph.nodes["positions"]  # [N, 3]
     if centering == "reference_per_particle":
@@ -209,17 +236,17 @@ def _centred_positions(graph: jraph.GraphsTuple, centering: str) -> jnp.ndarray:
         return positions - jnp.mean(positions, axis=1, keepdims=True)
     if centering != "centroid":
         raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-    n_nodes, n_graphs = positions.shape[0], graph.n_node.shape[0]
-    index = node_graph_index(graph, n_nodes)
-    weight = node_mask(graph, n_nodes).astype(positions.dtype)  # padding nodes do not count
-    total = jax.ops.segment_sum(positions * weight[:, None], index, num_segments=n_graphs)
-    count = jax.ops.segment_sum(weight, index, num_segments=n_graphs)
-    centroid = total / jnp.maximum(count, 1.0)[:, None]  # [G, 3]
-    return positions - centroid[index]
+    return positions - _graph_mean(graph, positions)
 
 
-def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int,
-              centering: str = "centroid") -> SteerableGraphsTuple:
+def centre_of_mass_velocity(graph: jraph.GraphsTuple) -> jnp.ndarray:
+    """``[N, 3]``: the centre-of-mass velocity of each node's graph (unit masses without a
+    "masses" field, as in the charged systems)."""
+    return _graph_mean(graph, graph.nodes["velocities"], graph.nodes.get("masses"))
+
+
+def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int, centering: str = "centroid",
+              velocity_frame: str = "lab") -> SteerableGraphsTuple:
     """The steerable inputs of an N-body graph (pure, jit-able, padding-safe).
 
     Args:
@@ -228,6 +255,8 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int,
         lmax_attr: highest order of the spherical-harmonic attributes.
         centering: "centroid" (equivariant) or "reference_per_particle" (the reference's centring,
             which breaks rotation and translation equivariance; for comparison only).
+        velocity_frame: "lab" (the velocities as given) or "centre_of_mass" (relative to the
+            graph's centre-of-mass velocity).
 
     Returns:
         Node features ``[N, 2x1o+1x0e]``, node and edge attributes ``[N or E, sh(lmax_attr)]``,
@@ -236,6 +265,10 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int,
     # Host (NumPy) batches are accepted too, e.g. by Haiku's init.
     graph = jax.tree.map(jnp.asarray, graph)
     velocities = graph.nodes["velocities"]  # [N, 3]
+    if velocity_frame == "centre_of_mass":
+        velocities = velocities - centre_of_mass_velocity(graph)
+    elif velocity_frame != "lab":
+        raise ValueError(f"velocity_frame must be one of {VELOCITY_FRAMES}, got {velocity_frame!r}")
     n_nodes = velocities.shape[0]
     centred = _centred_positions(graph, centering)
     # Concatenating IrrepsArrays keeps each block's layout; simplify() then merges 1o+1o into 2x1o
@@ -267,23 +300,31 @@ def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [N, 3]`` predicted positions, transformed by Haiku.
 
     The network's ``1x1o`` output is added to the input position, or with
-    ``config.data.predict_from="constant_velocity"`` to ``position + horizon * velocity``.
+    ``config.data.predict_from="constant_velocity"`` to ``position + horizon * velocity``; with
+    ``config.data.velocity_frame="centre_of_mass"`` and the input position as origin, the drift
+    ``horizon * centre-of-mass velocity`` is added too.
 
     Args:
         config: a whole N-body config (validated here).
     """
     cfg = validate_config(config)
     factory = models.create_model(cfg["model"], output_irreps="1x1o")
-    lmax_attr, centering = cfg["model"]["lmax_attr"], cfg["data"]["centering"]
+    data = cfg["data"]
+    lmax_attr, centering = cfg["model"]["lmax_attr"], data["centering"]
+    frame = data["velocity_frame"]
     # The guess is built from the raw inputs, so it adds no trainable freedom.
-    velocity_weight = horizon(cfg) if cfg["data"]["predict_from"] == "constant_velocity" else 0.0
+    constant_velocity = data["predict_from"] == "constant_velocity"
+    drift = horizon(cfg) if constant_velocity or frame == "centre_of_mass" else 0.0
 
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
-        st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering)
+        st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering,
+                             velocity_frame=frame)
         displacement = factory()(st_graph, is_training)  # [N, 1x1o]
         origin = graph.nodes["positions"]
-        if velocity_weight:
-            origin = origin + velocity_weight * graph.nodes["velocities"]
+        if drift:
+            velocity = graph.nodes["velocities"] if constant_velocity else \
+                centre_of_mass_velocity(graph)
+            origin = origin + drift * velocity
         return origin + displacement.array
 
     return hk.transform_with_state(forward)
