@@ -54,10 +54,13 @@ def test_collect_chooses_by_mean_validation_not_by_test(tmp_path, capsys):
     out = tmp_path / "lomo.json"
     code = module.main(["--data", str(tmp_path), "--runs", str(runs), "--metals", *METALS,
                         "--recipe", "good_test=", "--recipe", "good_valid=--config.x=1",
-                        "--recipe", "partial=", "--collect-only", "--out", str(out)])
+                        "--recipe", "partial=", "--collect-only", "--out", str(out),
+                        "--note", "a long note"])
     assert code == 0
     results = json.loads(out.read_text())
     assert results["chosen_by_validation"] == "good_valid"  # "partial" lacks folds B and C
+    assert results["note"] == "a long note" and results["command"].endswith("--note ...")
+    assert "'good_valid=--config.x=1'" not in results["command"]  # needs no quoting
     assert results["mean_test_mae_ev"] == pytest.approx(0.09)
     assert results["best_baseline"] == "composition_ridge"
     assert results["best_baseline_over_segnn"] == pytest.approx(0.10 / 0.09)

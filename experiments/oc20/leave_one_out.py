@@ -132,6 +132,17 @@ def summarise(runs: Path, recipes: Dict[str, List[str]], metals: Sequence[str]) 
     return out
 
 
+def _without_note(argv: Sequence[str]) -> List[str]:
+    """The command line with the (long, already stored) ``--note`` text left out."""
+    out = list(argv)
+    for k, arg in enumerate(out):
+        if arg == "--note" and k + 1 < len(out):
+            out[k + 1] = "..."
+        elif arg.startswith("--note="):
+            out[k] = "--note=..."
+    return out
+
+
 def _parse_recipe(spec: str) -> Tuple[str, List[str]]:
     name, sep, overrides = spec.partition("=")
     if not sep or not name or "/" in name:
@@ -152,7 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oc20_emt_lomo.json"))
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--note", default="")
-    args = parser.parse_args(argv)
+    invocation = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(invocation)
     recipes = dict(args.recipe or [("default", [])])
     if not args.collect_only:
         run_missing(args.config, args.data, args.runs, recipes, args.metals)
@@ -164,7 +176,8 @@ def main(argv=None) -> int:
         "data": str(args.data),
         "folds": [{"test": t, "valid": v} for t, v in folds(args.metals)],
         **summary,
-        "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+        "command": " ".join(["python", "experiments/oc20/leave_one_out.py",
+                             *map(shlex.quote, _without_note(invocation))]),
         "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
