@@ -117,6 +117,23 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path):
     assert history("a") == history("b")  # events after the checkpoint were dropped, not doubled
 
 
+def test_resume_reports_a_changed_config(tmp_path, caplog):
+    """A resume with other options is allowed (more epochs at a constant learning rate continue
+    the same run) but named: in the log and in the resume event."""
+    config = _config(num_epochs=2)
+    fit(MODEL.init, loss_fn, train_batches, config=config, run_dir=tmp_path, val_data=VAL)
+    fit(MODEL.init, loss_fn, train_batches, config=config, run_dir=tmp_path, val_data=VAL)
+    assert [e["config_changes"] for e in read_metrics(tmp_path) if e["event"] == "resume"] == [[]]
+    caplog.set_level("WARNING", logger="segnn_jax.training.loop")
+    longer = _config(num_epochs=3, log_every=4)
+    result = fit(MODEL.init, loss_fn, train_batches, config=longer, run_dir=tmp_path,
+                 val_data=VAL)
+    resumes = [e for e in read_metrics(tmp_path) if e["event"] == "resume"]
+    assert resumes[-1]["config_changes"] == ["train.log_every", "train.num_epochs"]
+    assert "changed config: train.log_every, train.num_epochs" in caplog.text
+    assert int(result.state.step) == 12  # it continued to the new number of epochs
+
+
 class _Clock:
     """A fake ``time`` module for the loop: 10 s pass at every logged training step."""
 

@@ -208,6 +208,23 @@ def _is_better(value: float, best: Optional[float], mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
+def _config_changes(before: Any, after: Any, prefix: str = "") -> List[str]:
+    """Dotted names of the options that differ between two configs read from ``config.json``
+    (added and removed options included); nothing when ``before`` is None (no earlier config)."""
+    if before is None:
+        return []
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return [prefix] if before != after else []
+    out = []
+    for key in sorted(set(before) | set(after)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in before or key not in after:
+            out.append(name)
+        else:
+            out.extend(_config_changes(before[key], after[key], name))
+    return out
+
+
 def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
         run_dir: Union[str, Path], val_data: Any = None, test_data: Any = None,
         full_config: Any = None, data_stats: Optional[Mapping[str, Any]] = None,
@@ -258,7 +275,9 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
 
     try:
         run = RunDirectory(run_dir, tensorboard=bool(cfg["tensorboard"]))
-        run.write_config(full_config if full_config is not None else {"train": cfg})
+        operative = full_config if full_config is not None else {"train": cfg}
+        previous_config = run.read_config()
+        run.write_config(operative)
     except OSError as e:
         raise RunDirectoryError(
             f"cannot write the run directory {run_dir} ({e.strerror or type(e).__name__}: {e}); "
@@ -288,7 +307,13 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
         elapsed_before = float(loop_state.get("elapsed_s", 0.0))
         run.truncate_metrics(int(loop_state["metrics_lines"]))
         _log.info("resuming from step %d (epoch %d, batch %d)", ckpt_step, start_epoch, start_batch)
-        emit("resume", {"step": ckpt_step, "epoch": start_epoch, "batch_in_epoch": start_batch})
+        changed = _config_changes(previous_config, run.read_config())
+        if changed:
+            # Allowed (e.g. more epochs at a constant learning rate continue the same run), but a
+            # schedule spanning num_epochs, another optimizer or other data change the run.
+            _log.warning("resuming %s with a changed config: %s", run_dir, ", ".join(changed))
+        emit("resume", {"step": ckpt_step, "epoch": start_epoch, "batch_in_epoch": start_batch,
+                        "config_changes": changed})
     else:
         # A fresh start: events left by an earlier attempt that never checkpointed are stale.
         run.truncate_metrics(0)

@@ -146,6 +146,14 @@ class RunDirectory:
         self.checkpoint_dir = self.path / "checkpoints"
         self._tb = _TensorBoard(self.path / "tensorboard") if tensorboard else None
 
+    def read_config(self) -> Optional[Dict[str, Any]]:
+        """The ``config.json`` of an earlier attempt, or None if there is none or it is unreadable
+        (it is rewritten at every start)."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def write_config(self, config: Any) -> None:
         """Writes the operative config (dict or ConfigDict) as ``config.json``."""
         atomic_write_text(self.path / "config.json",
