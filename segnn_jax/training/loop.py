@@ -275,9 +275,9 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
 
     try:
         run = RunDirectory(run_dir, tensorboard=bool(cfg["tensorboard"]))
-        operative = full_config if full_config is not None else {"train": cfg}
         previous_config = run.read_config()
-        run.write_config(operative)
+        written_config = run.write_config(
+            full_config if full_config is not None else {"train": cfg})
     except OSError as e:
         raise RunDirectoryError(
             f"cannot write the run directory {run_dir} ({e.strerror or type(e).__name__}: {e}); "
@@ -307,7 +307,7 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
         elapsed_before = float(loop_state.get("elapsed_s", 0.0))
         run.truncate_metrics(int(loop_state["metrics_lines"]))
         _log.info("resuming from step %d (epoch %d, batch %d)", ckpt_step, start_epoch, start_batch)
-        changed = _config_changes(previous_config, run.read_config())
+        changed = _config_changes(previous_config, written_config)
         if changed:
             # Allowed (e.g. more epochs at a constant learning rate continue the same run), but a
             # schedule spanning num_epochs, another optimizer or other data change the run.

@@ -154,10 +154,12 @@ class RunDirectory:
         except (OSError, ValueError):
             return None
 
-    def write_config(self, config: Any) -> None:
-        """Writes the operative config (dict or ConfigDict) as ``config.json``."""
-        atomic_write_text(self.path / "config.json",
-                          json.dumps(_jsonable(to_dict(config)), indent=2, sort_keys=True))
+    def write_config(self, config: Any) -> Dict[str, Any]:
+        """Writes the operative config (dict or ConfigDict) as ``config.json``; returns it as
+        written (plain JSON types), comparable with :meth:`read_config`."""
+        text = json.dumps(_jsonable(to_dict(config)), indent=2, sort_keys=True)
+        atomic_write_text(self.path / "config.json", text)
+        return json.loads(text)
 
     def write_info(self, *, num_parameters: Optional[int] = None,
                    data_stats: Optional[Mapping[str, Any]] = None, **extra: Any) -> None:
