@@ -17,7 +17,9 @@ from segnn_jax.datasets.emt import (
     SITES,
     EMTConfig,
     EMTDatasetError,
+    catalyst_compositions,
     gas_references,
+    generate_emt_sample,
     generate_emt_dataset,
     main,
     sample_spec,
@@ -147,7 +149,8 @@ def test_resume_with_other_parameters_is_refused(generated, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"layers": 2, "free_layers": 2}, {"size": (0, 3)}, {"fmax": 0.0}, {"stored_frames": 1}],
+    [{"layers": 2, "free_layers": 2}, {"size": (0, 3)}, {"fmax": 0.0}, {"stored_frames": 1},
+     {"catalysts": "ternary"}, {"catalysts": "binary", "size": (2, 2)}],
 )
 def test_invalid_config(kwargs):
     with pytest.raises(EMTDatasetError):
@@ -180,3 +183,93 @@ def test_command_line_resumes_the_same_set(generated, tmp_path, capsys):
     assert summary["generated"] == 1
     assert json.loads(capsys.readouterr().out)["skipped"] == 2
     assert [_key(r) for r in read_oc20(out)] == [_key(r) for r in read_oc20(full)]
+
+
+def test_element_samples_keep_their_draws():
+    """Sample 0 and 1 of seed 0 as the committed 20,000-sample set holds them (before alloys)."""
+    first, second = sample_spec(0, 0), sample_spec(0, 1)
+    assert (first.metal, first.adsorbate, first.site, first.offset) == ("Ni", "OH", "hcp", (0, 0))
+    assert (second.metal, second.adsorbate, second.site, second.offset) == (
+        "Pt", "CH2", "fcc", (1, 0))
+    assert first.rattle_seed == 87989972 and second.rattle_seed == 1719937020
+
+
+def test_binary_catalysts_are_the_metals_and_their_alloys():
+    table = catalyst_compositions("binary")
+    assert len(table) == 7 + 2 * 21
+    assert catalyst_compositions("elements") == {m: ((m, 1.0),) for m in METALS}
+    assert table["Cu2Pt"] == (("Cu", 2 / 3), ("Pt", 1 / 3))
+    assert table["CuPt2"] == (("Cu", 1 / 3), ("Pt", 2 / 3))
+    for composition in table.values():
+        assert sum(f for _, f in composition) == pytest.approx(1.0)
+    specs = [sample_spec(0, i, EMTConfig(catalysts="binary")) for i in range(2000)]
+    assert {s.metal for s in specs} == set(table)
+    with pytest.raises(EMTDatasetError, match="catalysts"):
+        catalyst_compositions("ternary")
+
+
+def _alloy_index(config, catalyst=None):
+    return next(i for i in range(1000)
+                if len(catalyst_compositions("binary")[sample_spec(SEED, i, config).metal]) > 1
+                and catalyst in (None, sample_spec(SEED, i, config).metal))
+
+
+def test_alloy_slab_has_the_catalyst_composition_in_every_layer():
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+
+    from segnn_jax.datasets.emt import _lattice_constant, _relax, _slab
+
+    config = EMTConfig(catalysts="binary")
+    index = _alloy_index(config)
+    spec = sample_spec(SEED, index, config)
+    (first, f1), (second, f2) = catalyst_compositions("binary")[spec.metal]
+    sample = generate_emt_sample(SEED, index, config)
+    atoms, kv = sample["atoms"], sample["key_value_pairs"]
+    assert kv["metal"] == spec.metal and kv["level_of_theory"] == "EMT"
+    slab = atoms[atoms.get_tags() < 2]
+    layers = np.asarray(slab.get_chemical_symbols()).reshape(3, 9)  # fcc111 builds layer by layer
+    assert np.all(np.diff(slab.positions[:, 2].reshape(3, 9).mean(axis=1)) > 1.0)
+    for layer in layers:
+        assert (layer == first).sum() == round(9 * f1) and (layer == second).sum() == round(9 * f2)
+    # Vegard's law between the metals' EMT lattice constants (in-plane cell of the 3x3 slab).
+    lattice = f1 * _lattice_constant(first) + f2 * _lattice_constant(second)
+    reference = fcc111(first, size=(3, 3, 3), a=lattice, vacuum=config.vacuum)
+    np.testing.assert_allclose(atoms.cell[:2], reference.cell[:2])
+    # The clean-slab term is that arrangement's relaxed energy, not a pure metal's.
+    clean = _slab(spec.metal, config, spec.arrangement_seed)
+    np.testing.assert_array_equal(clean.get_chemical_symbols(), slab.get_chemical_symbols())
+    clean.calc = EMT()
+    _relax(clean, config.fmax / 5, 1000)
+    assert kv["e_clean_slab"] == pytest.approx(clean.get_potential_energy())
+    assert kv["y_relaxed"] == pytest.approx(
+        kv["e_total_relaxed"] - kv["e_clean_slab"] - kv["e_gas_reference"])
+    # Another sample of the same alloy puts its metals on other sites.
+    other = next(i for i in range(index + 1, 2000)
+                 if sample_spec(SEED, i, config).metal == spec.metal)
+    other_slab = _slab(spec.metal, config, sample_spec(SEED, other, config).arrangement_seed)
+    assert other_slab.get_chemical_symbols() != clean.get_chemical_symbols()
+
+
+def test_pure_metal_of_the_binary_set_is_the_element_slab():
+    from segnn_jax.datasets.emt import _slab
+
+    element, binary = EMTConfig(), EMTConfig(catalysts="binary")
+    a, b = _slab("Pd", element), _slab("Pd", binary, arrangement_seed=123)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert a.get_chemical_symbols() == b.get_chemical_symbols()
+
+
+def test_sets_generated_before_the_catalysts_option_resume(generated, tmp_path):
+    full, _ = generated
+    out = tmp_path / "old"
+    shutil.copytree(full, out)
+    manifest = json.loads((out / "emt_dataset.json").read_text())
+    del manifest["config"]["catalysts"]
+    (out / "emt_dataset.json").write_text(json.dumps(manifest))
+    summary = generate_emt_dataset(
+        out, n_samples=3, seed=SEED, n_workers=1, shard_size=1, progress=False)
+    assert summary["generated"] == 0
+    with pytest.raises(EMTDatasetError, match="different parameters"):
+        generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=1, shard_size=1,
+                             config=EMTConfig(catalysts="binary"), progress=False)

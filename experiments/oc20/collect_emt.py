@@ -28,7 +28,7 @@ from pathlib import Path
 
 SPLITS = ("id", "ood_ads", "ood_cat")
 LABELS = {"id": "in-distribution", "ood_ads": "held-out adsorbates (OOD-ads)",
-          "ood_cat": "held-out metals (OOD-cat)"}
+          "ood_cat": "held-out catalysts (OOD-cat)"}
 
 
 def _metrics(entry):

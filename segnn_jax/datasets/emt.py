@@ -11,6 +11,16 @@ with BFGS to fmax 0.05 eV/A, following OC20's conventions (DATA.md §3):
   mu_C = E(CO) - mu_O, mu_N = E(N2)/2, all energies computed with EMT
   (``y_init`` likewise with the initial structure).
 
+``EMTConfig(catalysts="binary")`` makes the catalysts OC20-like bulk compositions
+instead: the seven metals and the 42 binary substitutional alloys ``A2B`` and
+``AB2`` of every pair of them (:func:`catalyst_compositions`). Every layer of an
+alloy slab holds the catalyst's composition exactly (a third or two thirds of
+its sites are B), on sites drawn per sample; the lattice constant follows
+Vegard's law between the two metals' EMT lattice constants, and the clean slab
+of the target is that sample's own arrangement, relaxed. Held-out catalysts
+are then unseen compositions of seen elements, as OC20's OOD-cat split is,
+rather than elements no training sample contains.
+
 EMT's parameters for H, C, N and O are crude: results on this set must be
 labelled EMT, never DFT. Every stored sample carries ``level_of_theory="EMT"``.
 
@@ -46,11 +56,13 @@ import numpy as np
 
 __all__ = [
     "ADSORBATES",
+    "CATALYST_SETS",
     "METALS",
     "SITES",
     "EMTConfig",
     "EMTDatasetError",
     "SampleSpec",
+    "catalyst_compositions",
     "gas_references",
     "generate_emt_dataset",
     "generate_emt_sample",
@@ -73,6 +85,7 @@ ADSORBATES = {
     "CH2": ("CH2_s1A1d", 0),
 }
 SITES = ("ontop", "bridge", "fcc", "hcp")
+CATALYST_SETS = ("elements", "binary")
 # Nominal height (A) of the binding atom above the surface layer; relaxation adjusts it.
 _SITE_HEIGHT = {"ontop": 1.8, "bridge": 1.5, "fcc": 1.2, "hcp": 1.2}
 _MANIFEST = "emt_dataset.json"
@@ -100,6 +113,8 @@ class EMTConfig:
             surface atoms and the adsorbate atoms in the initial structure.
         stored_frames: number of relaxation frames (evenly spaced, first and
             last included) whose positions and forces are stored.
+        catalysts: ``"elements"`` (the seven metals) or ``"binary"`` (the
+            metals and their binary alloys, :func:`catalyst_compositions`).
     """
 
     size: tuple[int, int] = (3, 3)
@@ -111,6 +126,7 @@ class EMTConfig:
     height_jitter: float = 0.15
     rattle: float = 0.03
     stored_frames: int = 5
+    catalysts: str = "elements"
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -121,15 +137,51 @@ class EMTConfig:
             )
         if self.vacuum <= 0 or self.fmax <= 0 or self.max_steps < 1 or self.stored_frames < 2:
             raise EMTDatasetError(f"invalid EMTConfig {self}")
+        if self.catalysts not in CATALYST_SETS:
+            raise EMTDatasetError(
+                f"catalysts must be one of {CATALYST_SETS}, got {self.catalysts!r}"
+            )
+        if self.catalysts == "binary" and (self.size[0] * self.size[1]) % 3:
+            raise EMTDatasetError(
+                f"binary catalysts put a third or two thirds of a layer's sites on the second "
+                f"metal: the layer's site count {self.size[0]} x {self.size[1]} must be a "
+                f"multiple of 3"
+            )
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "size": list(self.size)}
 
 
+@functools.cache
+def catalyst_compositions(catalysts: str = "elements") -> dict[str, tuple[tuple[str, float], ...]]:
+    """Catalyst label -> ``((metal, fraction of the sites), ...)`` of a catalyst set.
+
+    ``"elements"``: ``{"Cu": (("Cu", 1.0),), ...}`` for the seven metals.
+    ``"binary"``: those, and for every pair A, B of them (in :data:`METALS` order) ``"A2B"``
+    (``((A, 2/3), (B, 1/3))``) and ``"AB2"``: 49 catalysts.
+
+    >>> catalyst_compositions("binary")["Cu2Au"]
+    (('Cu', 0.6666666666666666), ('Au', 0.3333333333333333))
+    """
+    if catalysts not in CATALYST_SETS:
+        raise EMTDatasetError(f"catalysts must be one of {CATALYST_SETS}, got {catalysts!r}")
+    out = {metal: ((metal, 1.0),) for metal in METALS}
+    if catalysts == "binary":
+        for i, a in enumerate(METALS):
+            for b in METALS[i + 1:]:
+                out[f"{a}2{b}"] = ((a, 2 / 3), (b, 1 / 3))
+                out[f"{a}{b}2"] = ((a, 1 / 3), (b, 2 / 3))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
-    """Random choices defining sample ``index`` (a pure function of (seed, index))."""
+    """Random choices defining sample ``index`` (a pure function of (seed, index)).
+
+    ``metal`` is the catalyst's label (a metal, or an alloy such as ``"Cu2Pt"``);
+    ``arrangement_seed`` places an alloy's metals on the slab's sites.
+    """
 
     index: int
     metal: str
@@ -139,21 +191,28 @@ class SampleSpec:
     rotation_deg: float
     height: float
     rattle_seed: int
+    arrangement_seed: int
 
 
 def sample_spec(seed: int, index: int, config: EMTConfig = EMTConfig()) -> SampleSpec:
-    """Parameters of sample ``index``, drawn from a generator seeded by (seed, index)."""
+    """Parameters of sample ``index``, drawn from a generator seeded by (seed, index).
+
+    The draws of the ``"elements"`` set come first and in their original order, so its samples
+    are those of data sets generated before alloys existed.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     site = SITES[rng.integers(len(SITES))]
+    catalysts = list(catalyst_compositions(config.catalysts))
     return SampleSpec(
         index=int(index),
-        metal=METALS[rng.integers(len(METALS))],
+        metal=catalysts[rng.integers(len(catalysts))],
         adsorbate=list(ADSORBATES)[rng.integers(len(ADSORBATES))],
         site=site,
         offset=(int(rng.integers(config.size[0])), int(rng.integers(config.size[1]))),
         rotation_deg=float(rng.uniform(0.0, 360.0)),
         height=float(_SITE_HEIGHT[site] + rng.uniform(-config.height_jitter, config.height_jitter)),
         rattle_seed=int(rng.integers(2**31)),
+        arrangement_seed=int(rng.integers(2**31)),
     )
 
 
@@ -199,15 +258,28 @@ def _lattice_constant(metal: str) -> float:
     return float(-c1 / (2 * c2))
 
 
-def _slab(metal: str, config: EMTConfig) -> Any:
+def _slab(catalyst: str, config: EMTConfig, arrangement_seed: int = 0) -> Any:
+    """The catalyst's slab: an alloy's second metal on a seeded choice of sites, the same
+    number in every layer; lattice constant by Vegard's law."""
     from ase.build import fcc111
     from ase.constraints import FixAtoms
 
+    composition = catalyst_compositions(config.catalysts)[catalyst]
+    lattice = sum(fraction * _lattice_constant(metal) for metal, fraction in composition)
     slab = fcc111(
-        metal, size=(*config.size, config.layers), a=_lattice_constant(metal), vacuum=config.vacuum
+        composition[0][0], size=(*config.size, config.layers), a=lattice, vacuum=config.vacuum
     )
     slab.pbc = True  # OC20 systems are periodic in z as well, with vacuum in between
     layer = slab.get_tags()  # fcc111 tags layers 1 (top) .. layers (bottom)
+    if len(composition) > 1:
+        (_, _), (second, fraction) = composition
+        rng = np.random.default_rng(arrangement_seed)
+        symbols = slab.get_chemical_symbols()
+        per_layer = round(fraction * config.size[0] * config.size[1])
+        for tag in range(1, config.layers + 1):
+            for i in rng.choice(np.flatnonzero(layer == tag), per_layer, replace=False):
+                symbols[i] = second
+        slab.set_chemical_symbols(symbols)
     free = layer <= config.free_layers
     slab.set_tags(free.astype(int))
     slab.set_constraint(FixAtoms(indices=np.flatnonzero(~free)))
@@ -215,10 +287,12 @@ def _slab(metal: str, config: EMTConfig) -> Any:
 
 
 @functools.cache
-def _clean_slab_energy(metal: str, config: EMTConfig) -> float:
+def _clean_slab_energy(catalyst: str, config: EMTConfig, arrangement_seed: int = 0) -> float:
+    """Relaxed energy of the clean slab (per arrangement for an alloy: a pure metal's slab does
+    not depend on ``arrangement_seed``, so callers pass 0 and share one relaxation)."""
     from ase.calculators.emt import EMT
 
-    slab = _slab(metal, config)
+    slab = _slab(catalyst, config, arrangement_seed)
     slab.calc = EMT()
     _relax(slab, config.fmax / 5, 1000)
     return float(slab.get_potential_energy())
@@ -273,7 +347,9 @@ def generate_emt_sample(seed: int, index: int, config: EMTConfig = EMTConfig()) 
     from ase.calculators.singlepoint import SinglePointCalculator
 
     spec = sample_spec(seed, index, config)
-    atoms = _slab(spec.metal, config)
+    alloy = len(catalyst_compositions(config.catalysts)[spec.metal]) > 1
+    arrangement = spec.arrangement_seed if alloy else 0
+    atoms = _slab(spec.metal, config, arrangement)
     n_slab = len(atoms)
     mol, binding = _adsorbate_atoms(spec.adsorbate, spec.rotation_deg)
     add_adsorbate(
@@ -289,7 +365,10 @@ def generate_emt_sample(seed: int, index: int, config: EMTConfig = EMTConfig()) 
     converged, energies, positions, forces = _relax(atoms, config.fmax, config.max_steps)
 
     refs = gas_references()
-    e_clean = _clean_slab_energy(spec.metal, config)
+    if alloy:  # every arrangement is its own slab: not worth a cache entry
+        e_clean = _clean_slab_energy.__wrapped__(spec.metal, config, arrangement)
+    else:
+        e_clean = _clean_slab_energy(spec.metal, config)
     e_gas = float(sum(refs[s] for s in mol.get_chemical_symbols()))
     top = atoms.positions[:n_slab][atoms.get_tags()[:n_slab] == 1, 2].mean()
     frames = np.unique(
@@ -382,6 +461,9 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / _MANIFEST
     if path.exists():
         existing = json.loads(path.read_text())
+        if isinstance(existing.get("config"), dict):
+            # Options added after a set was generated take their defaults, which reproduce it.
+            existing["config"] = {**EMTConfig().to_json(), **existing["config"]}
         if existing != manifest:
             raise EMTDatasetError(
                 f"{out_dir} holds a data set generated with different parameters "
@@ -492,7 +574,8 @@ def generate_emt_dataset(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line: ``python -m segnn_jax.datasets.emt OUT_DIR --n-samples N [--seed S] [--workers W]``."""
+    """Command line: ``python -m segnn_jax.datasets.emt OUT_DIR --n-samples N [--seed S]
+    [--workers W] [--catalysts binary]``."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -505,6 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--layers", type=int, default=EMTConfig.layers)
+    parser.add_argument("--catalysts", choices=CATALYST_SETS, default=EMTConfig.catalysts,
+                        help="the seven metals, or those and their binary alloys A2B / AB2")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     summary = generate_emt_dataset(
@@ -512,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_samples=args.n_samples,
         seed=args.seed,
         n_workers=args.workers,
-        config=EMTConfig(layers=args.layers),
+        config=EMTConfig(layers=args.layers, catalysts=args.catalysts),
         shard_size=args.shard_size,
         progress=not args.no_progress,
     )

@@ -40,9 +40,11 @@ threshold", the fraction of systems with ``|error| < 0.02 eV``.
 
 Splits (``data.split``): ``"id"`` a seeded random split; ``"ood_ads"`` whole adsorbates held out of
 training (validation and test adsorbates are disjoint from each other and from training);
-``"ood_cat"`` whole catalysts (metals) held out. The labels come from the records' ``adsorbate`` and
-``metal`` fields (the EMT generator writes them); files without them fall back to the formula of the
-tag-2 (adsorbate) atoms and of the slab atoms. The held-out groups are drawn with ``split_seed``
+``"ood_cat"`` whole catalysts held out. The labels come from the records' ``adsorbate`` and
+``metal`` fields (the EMT generator writes them: a metal, or an alloy such as ``Cu2Pt`` in a set
+generated with ``--catalysts binary``, where a held-out catalyst is an unseen composition of seen
+metals, as in OC20); files without them fall back to the formula of the tag-2 (adsorbate) atoms and
+of the slab atoms. The held-out groups are drawn with ``split_seed``
 unless ``data.test_groups`` / ``data.valid_groups`` name them (one fold of a leave-one-metal-out
 study: ``experiments/oc20/leave_one_out.py``).
 
