@@ -1,4 +1,4 @@
-"""Interleaved A/B of the tensor-product backends on one SEGNN message product (forward + backward).
+r"""Interleaved A/B of the tensor-product backends on one SEGNN message product (forward + backward).
 
 The first message tensor product of a layer, ``[f_i, f_j, e_ij] x a_ij -> gate irreps`` with the
 node features gathered to the edges, as in :class:`segnn_jax.SEGNNLayer`; the jitted gradient of

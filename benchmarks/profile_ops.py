@@ -1,4 +1,4 @@
-"""Where a whole training step's time goes, by kind of XLA operation (JAX profiler trace).
+r"""Where a whole training step's time goes, by kind of XLA operation (JAX profiler trace).
 
 ``throughput.py`` times the step and ``profile_step.py`` times each block alone; this script runs
 the compiled training step of a configuration under ``jax.profiler.trace`` and sums the durations

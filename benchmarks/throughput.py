@@ -1,4 +1,4 @@
-"""Throughput of segnn_jax's SEGNN on the reference configurations (forward and training step).
+r"""Throughput of segnn_jax's SEGNN on the reference configurations (forward and training step).
 
 Per configuration it reports: parameters, nodes, edges, compile time of the forward and of the
 training step (``jax.jit(f).lower(...).compile()``, timed separately), peak memory (process peak RSS,

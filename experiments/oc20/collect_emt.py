@@ -1,4 +1,4 @@
-"""Collects the EMT IS2RE runs of the three splits into ``benchmarks/results/oc20_emt.json`` and
+r"""Collects the EMT IS2RE runs of the three splits into ``benchmarks/results/oc20_emt.json`` and
 one learning-curve figure (EMT stand-in, NOT DFT).
 
 Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<split>`` (see the

@@ -1,4 +1,4 @@
-"""Leave-one-metal-out evaluation of OOD-cat on the EMT stand-in (EMT, not DFT).
+r"""Leave-one-metal-out evaluation of OOD-cat on the EMT stand-in (EMT, not DFT).
 
 One held-out metal is a single draw from a space of seven: with one validation metal it cannot tell
 recipes apart (benchmarks/results/oc20_emt.json, ``ensembles``: Au and Pt rank three embeddings in

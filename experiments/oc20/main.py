@@ -1,4 +1,4 @@
-"""OC20 experiments: a thin entry point over ``segnn train`` (the task code ships in segnn_jax).
+r"""OC20 experiments: a thin entry point over ``segnn train`` (the task code ships in segnn_jax).
 
     python experiments/oc20/main.py --config.data.path=data/emt                      # = segnn train oc20_emt (ID)
     python experiments/oc20/main.py --config.data.path=data/emt --config.data.split=ood_ads

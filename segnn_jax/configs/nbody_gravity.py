@@ -1,4 +1,4 @@
-"""Gravity N-body (100 bodies, 6-nearest-neighbour graphs) with SEGNN, on a reduced CPU data budget.
+r"""Gravity N-body (100 bodies, 6-nearest-neighbour graphs) with SEGNN, on a reduced CPU data budget.
 
 The model and optimiser are the reference's (SEGNN.md section 3: 4 layers, 64 hidden features,
 Adam 5e-4, L2 weight decay 1e-12, evaluation every 5 epochs). The data budget is what a shared

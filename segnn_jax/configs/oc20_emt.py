@@ -1,4 +1,4 @@
-"""OC20 IS2RE with SEGNN, the author's recipe scaled to the EMT stand-in (EMT, not DFT).
+r"""OC20 IS2RE with SEGNN, the author's recipe scaled to the EMT stand-in (EMT, not DFT).
 
 Reference (SEGNN.md sections 2.7 and 3, the author's OC20 fork): periodic radius graphs of the
 initial structures, SH attributes up to l = 2 ("component"), |r_ij|^2 message feature, a learned
@@ -14,6 +14,13 @@ legacy LMDB, ``.aselmdb``, extxyz, or an EMT set). The EMT set::
     segnn train oc20_emt --config.data.path=data/emt --config.data.split=id
     segnn train oc20_emt --config.data.path=data/emt --config.data.split=ood_ads
     segnn train oc20_emt --config.data.path=data/emt --config.data.split=ood_cat
+
+With ``--catalysts binary`` the set also holds the binary alloys of the metals, and ``ood_cat``
+holds out whole alloy compositions whose metals training has seen, as OC20's OOD-cat does::
+
+    python -m segnn_jax.datasets.emt data/emt_binary --n-samples 20000 --catalysts binary
+    segnn train oc20_emt_cpu_adsorbate --config.data.path=data/emt_binary \
+        --config.data.split=ood_cat --run-dir runs/oc20_alloys/ood_cat
 
 The real-DFT check (5-fold CV on Xu & Kitchin from the relaxed structures; CPU-sized model)::
 

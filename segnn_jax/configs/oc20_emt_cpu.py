@@ -1,4 +1,4 @@
-"""OC20 IS2RE on the EMT stand-in, the author's recipe scaled to ~10 min of ONE shared CPU core.
+r"""OC20 IS2RE on the EMT stand-in, the author's recipe scaled to ~10 min of ONE shared CPU core.
 
 EMT, not DFT. The shape of the recipe is kept (``oc20_emt``, SEGNN.md section 3): Z embedding,
 SEGNN with steerable attributes and the |r_ij|^2 message feature, no norm, mean pooling, L1 on the

@@ -1,4 +1,4 @@
-"""OC20 IS2RE on the EMT stand-in: ``oc20_emt_cpu`` with an adsorbate-centred energy (beyond the
+r"""OC20 IS2RE on the EMT stand-in: ``oc20_emt_cpu`` with an adsorbate-centred energy (beyond the
 author's recipe; EMT, not DFT).
 
 Two changes, both physical: the target is first referenced per element of the ADSORBATE atoms

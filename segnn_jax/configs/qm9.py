@@ -1,4 +1,4 @@
-"""QM9 with SEGNN, the paper's protocol (reference recipe, one model per target; default alpha).
+r"""QM9 with SEGNN, the paper's protocol (reference recipe, one model per target; default alpha).
 
 Reference (SEGNN.md sections 2.7 and 3): the 130,831 characterised molecules of the installed
 ``qm9pack`` with the Cormorant split (100,000 / 17,748 / 13,083), radius graphs at 2 Angstrom;
