@@ -39,7 +39,7 @@ def test_folds_test_every_metal_once_and_validate_on_the_next():
     module = _load_script()
     assert module.folds(METALS) == [("A", "B"), ("B", "C"), ("C", "A")]
     for bad in (["A", "B"], ["A", "B", "A"]):
-        with pytest.raises(ValueError, match="at least 3 distinct"):
+        with pytest.raises(ValueError, match="at least 3 distinct groups"):
             module.folds(bad)
 
 
@@ -91,3 +91,30 @@ def test_runs_only_the_missing_folds_with_the_fold_groups(tmp_path, monkeypatch)
     assert "--config.data.valid_groups=C" in commands[0]
     assert "--config.train.seed=3" in commands[0] and "--config.data.split=ood_cat" in commands[0]
     assert (runs / "r" / "test_C" / "results.json").is_file()
+
+
+def test_leave_one_adsorbate_out_folds_over_the_adsorbates(tmp_path, monkeypatch):
+    module = _load_script()
+    commands = []
+
+    def fake_run(command, stdout, stderr, check):
+        commands.append(command)
+        test = next(a for a in command if a.startswith("--config.data.test_groups="))
+        valid = next(a for a in command if a.startswith("--config.data.valid_groups="))
+        _fake_fold(Path(command[command.index("--run-dir") + 1]), test.split("=")[1],
+                   valid.split("=")[1], 0.1, 0.1, 0.2)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    out = tmp_path / "loao.json"
+    assert module.main(["--split", "ood_ads", "--data", str(tmp_path), "--runs",
+                        str(tmp_path / "runs"), "--out", str(out)]) == 0
+    adsorbates = list(module.ADSORBATES)
+    assert len(commands) == len(adsorbates) == 11
+    assert all("--config.data.split=ood_ads" in c for c in commands)
+    assert [c for c in commands[0] if "_groups=" in c] == [
+        f"--config.data.test_groups={adsorbates[0]}", f"--config.data.valid_groups={adsorbates[1]}"]
+    results = json.loads(out.read_text())
+    assert results["task"] == "oc20_is2re_emt_leave_one_adsorbate_out"
+    assert results["split"] == "ood_ads" and len(results["folds"]) == 11
+    assert results["best_baseline_over_segnn"] == pytest.approx(2.0)

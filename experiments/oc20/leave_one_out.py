@@ -1,19 +1,24 @@
-r"""Leave-one-metal-out evaluation of OOD-cat on the EMT stand-in (EMT, not DFT).
+r"""Leave-one-group-out evaluation of OOD-cat (metals) or OOD-ads (adsorbates) on the EMT stand-in
+(EMT, not DFT).
 
 One held-out metal is a single draw from a space of seven: with one validation metal it cannot tell
 recipes apart (benchmarks/results/oc20_emt.json, ``ensembles``: Au and Pt rank three embeddings in
-opposite orders). Here every metal is the test metal once. Fold ``k`` tests on metal ``k`` of
+opposite orders); two held-out adsorbates of eleven are hardly better. Here every group is the
+test group once. With ``--split ood_cat`` (the default) fold ``k`` tests on metal ``k`` of
 ``segnn_jax.datasets.emt.METALS``, validates on the next one (cyclically) and trains on the other
-five; each recipe (a set of config overrides) is trained on every fold, the recipe is chosen by its
-MEAN VALIDATION MAE over the folds, and the chosen recipe's mean test MAE is reported next to the
-baselines' (fitted per fold on the same training metals)::
+five; ``--split ood_ads`` does the same over ``segnn_jax.datasets.emt.ADSORBATES`` (``--groups``
+names other groups). Each recipe (a set of config overrides) is trained on every fold, the recipe
+is chosen by its MEAN VALIDATION MAE over the folds, and the chosen recipe's mean test MAE is
+reported next to the baselines' (fitted per fold on the same training groups)::
 
     python experiments/oc20/leave_one_out.py --data data/emt20k --runs runs/oc20_lomo \
         --recipe lookup= \
         --recipe lookup_descriptors="--config.embedding.element_features=true" \
         --out benchmarks/results/oc20_emt_lomo.json
+    python experiments/oc20/leave_one_out.py --split ood_ads --data data/emt20k \
+        --runs runs/oc20_loao --out benchmarks/results/oc20_emt_loao.json
 
-Runs go to ``RUNS/<recipe>/test_<metal>`` through ``segnn train`` (one process per fold); a fold
+Runs go to ``RUNS/<recipe>/test_<group>`` through ``segnn train`` (one process per fold); a fold
 whose run directory already holds ``results.json`` is not run again and an interrupted one resumes
 from its checkpoint, so the command can be repeated until every fold is done. ``--collect-only``
 writes the JSON from the finished folds without training.
@@ -28,35 +33,40 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from segnn_jax.datasets.emt import METALS
+from segnn_jax.datasets.emt import ADSORBATES, METALS
+
+#: The groups of each split's folds, and what the results file calls the study.
+GROUPS = {"ood_cat": list(METALS), "ood_ads": list(ADSORBATES)}
+TASKS = {"ood_cat": "oc20_is2re_emt_leave_one_metal_out",
+         "ood_ads": "oc20_is2re_emt_leave_one_adsorbate_out"}
 
 
-def folds(metals: Sequence[str]) -> List[Tuple[str, str]]:
-    """``(test metal, validation metal)`` per fold: each metal is tested once, validated on the
+def folds(groups: Sequence[str]) -> List[Tuple[str, str]]:
+    """``(test group, validation group)`` per fold: each group is tested once, validated on the
     next one."""
-    if len(metals) < 3 or len(set(metals)) < len(metals):
-        raise ValueError(f"need at least 3 distinct metals, got {list(metals)}")
-    return [(metal, metals[(k + 1) % len(metals)]) for k, metal in enumerate(metals)]
+    if len(groups) < 3 or len(set(groups)) < len(groups):
+        raise ValueError(f"need at least 3 distinct groups, got {list(groups)}")
+    return [(group, groups[(k + 1) % len(groups)]) for k, group in enumerate(groups)]
 
 
 def train_command(config: str, data: Path, test: str, valid: str, overrides: Sequence[str],
-                  run_dir: Path) -> List[str]:
+                  run_dir: Path, split: str = "ood_cat") -> List[str]:
     return [sys.executable, "-m", "segnn_jax.cli", "train", config,
-            f"--config.data.path={data}", "--config.data.split=ood_cat",
+            f"--config.data.path={data}", f"--config.data.split={split}",
             f"--config.data.test_groups={test}", f"--config.data.valid_groups={valid}",
             *overrides, "--run-dir", str(run_dir)]
 
 
 def run_missing(config: str, data: Path, runs: Path, recipes: Dict[str, List[str]],
-                metals: Sequence[str]) -> None:
+                groups: Sequence[str], split: str = "ood_cat") -> None:
     """Trains every (recipe, fold) whose run directory has no ``results.json`` yet."""
     for name, overrides in recipes.items():
-        for test, valid in folds(metals):
+        for test, valid in folds(groups):
             run_dir = runs / name / f"test_{test}"
             if (run_dir / "results.json").is_file():
                 continue
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            command = train_command(config, data, test, valid, overrides, run_dir)
+            command = train_command(config, data, test, valid, overrides, run_dir, split)
             print(f"[{time.strftime('%H:%M:%S')}] {name}: test {test}, validation {valid}",
                   flush=True)
             with open(run_dir.with_suffix(".log"), "a") as log:
@@ -85,12 +95,12 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def recipe_summary(runs: Path, name: str, overrides: Sequence[str],
-                   metals: Sequence[str]) -> dict:
+                   groups: Sequence[str]) -> dict:
     """Per-fold figures and their means over the finished folds of one recipe."""
-    per_fold = {test: fold_summary(runs / name / f"test_{test}") for test, _ in folds(metals)
+    per_fold = {test: fold_summary(runs / name / f"test_{test}") for test, _ in folds(groups)
                 if (runs / name / f"test_{test}" / "results.json").is_file()}
     out = {"overrides": list(overrides), "folds": per_fold,
-           "missing_folds": [m for m in metals if m not in per_fold]}
+           "missing_folds": [g for g in groups if g not in per_fold]}
     if not per_fold:
         return out
     baseline_names = next(iter(per_fold.values()))["baselines_test"].keys()
@@ -109,9 +119,9 @@ def recipe_summary(runs: Path, name: str, overrides: Sequence[str],
     return out
 
 
-def summarise(runs: Path, recipes: Dict[str, List[str]], metals: Sequence[str]) -> dict:
+def summarise(runs: Path, recipes: Dict[str, List[str]], groups: Sequence[str]) -> dict:
     """Every recipe's summary and the recipe chosen by mean validation MAE over complete recipes."""
-    summaries = {name: recipe_summary(runs, name, o, metals) for name, o in recipes.items()}
+    summaries = {name: recipe_summary(runs, name, o, groups) for name, o in recipes.items()}
     complete = {n: s for n, s in summaries.items() if not s["missing_folds"]}
     chosen = min(complete, key=lambda n: complete[n]["mean_valid_mae_ev"]) if complete else None
     out = {"recipes": summaries, "chosen_by_validation": chosen}
@@ -159,35 +169,45 @@ def main(argv=None) -> int:
                         metavar="NAME=OVERRIDES",
                         help="a recipe: config overrides in one shell-quoted string (repeatable; "
                              "default: one recipe 'default' without overrides)")
-    parser.add_argument("--metals", nargs="+", default=list(METALS))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/oc20_emt_lomo.json"))
+    parser.add_argument("--split", choices=sorted(GROUPS), default="ood_cat",
+                        help="hold out metals (ood_cat) or adsorbates (ood_ads)")
+    parser.add_argument("--groups", "--metals", nargs="+", default=None,
+                        help="the groups, in fold order (default: the EMT set's metals or "
+                             "adsorbates)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default: benchmarks/results/oc20_emt_lomo.json, "
+                             "or oc20_emt_loao.json for ood_ads)")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--note", default="")
     invocation = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(invocation)
     recipes = dict(args.recipe or [("default", [])])
+    groups = args.groups or GROUPS[args.split]
+    out = args.out or Path("benchmarks/results") / (
+        "oc20_emt_lomo.json" if args.split == "ood_cat" else "oc20_emt_loao.json")
     if not args.collect_only:
-        run_missing(args.config, args.data, args.runs, recipes, args.metals)
-    summary = summarise(args.runs, recipes, args.metals)
+        run_missing(args.config, args.data, args.runs, recipes, groups, args.split)
+    summary = summarise(args.runs, recipes, groups)
     results = {
-        "task": "oc20_is2re_emt_leave_one_metal_out",
+        "task": TASKS[args.split],
         "level_of_theory": "EMT (ASE effective medium theory; NOT DFT)",
         "config": args.config,
+        "split": args.split,
         "data": str(args.data),
-        "folds": [{"test": t, "valid": v} for t, v in folds(args.metals)],
+        "folds": [{"test": t, "valid": v} for t, v in folds(groups)],
         **summary,
         "command": " ".join(["python", "experiments/oc20/leave_one_out.py",
                              *map(shlex.quote, _without_note(invocation))]),
         "note": args.note,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
     for name, s in summary["recipes"].items():
         if "mean_test_mae_ev" not in s:
             print(f"{name}: no finished fold")
             continue
-        folds_text = ", ".join(f"{m} {f['test']['mae_ev']:.3f}" for m, f in s["folds"].items())
+        folds_text = ", ".join(f"{g} {f['test']['mae_ev']:.3f}" for g, f in s["folds"].items())
         print(f"{name}: mean test MAE {s['mean_test_mae_ev']:.4f} eV, validation "
               f"{s['mean_valid_mae_ev']:.4f} | per-fold best baseline "
               f"{s['mean_per_fold_best_baseline_test_mae_ev']:.4f} | {folds_text}"
