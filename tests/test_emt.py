@@ -273,3 +273,21 @@ def test_sets_generated_before_the_catalysts_option_resume(generated, tmp_path):
     with pytest.raises(EMTDatasetError, match="different parameters"):
         generate_emt_dataset(out, n_samples=3, seed=SEED, n_workers=1, shard_size=1,
                              config=EMTConfig(catalysts="binary"), progress=False)
+
+
+def test_alloy_set_reads_back_with_its_catalyst_labels(tmp_path):
+    from ase.data import chemical_symbols
+
+    from segnn_jax.tasks.oc20 import load_systems
+
+    config = EMTConfig(catalysts="binary")
+    generate_emt_dataset(tmp_path, n_samples=3, seed=SEED, config=config, shard_size=3,
+                         progress=False)
+    systems, level = load_systems(tmp_path)
+    assert level == "EMT" and len(systems) == 3
+    for index, system in enumerate(systems):  # records come back in sample order
+        spec = sample_spec(SEED, index, config)
+        assert system.catalyst == spec.metal and system.adsorbate == spec.adsorbate
+        slab = np.asarray(system.atomic_numbers)[np.asarray(system.tags) < 2]
+        metals = {metal for metal, _ in catalyst_compositions("binary")[spec.metal]}
+        assert {chemical_symbols[z] for z in slab} == metals
