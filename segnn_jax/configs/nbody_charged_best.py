@@ -12,7 +12,7 @@ validation 6e-3):
 
 Measured on the shared CPU: test MSE 0.00490 (validation 0.00550; training seed 1: 0.00517)
 against 0.00523 (0.00575) for the 1000-epoch reference protocol. The reference protocol itself
-spans 0.00446-0.00523 over training seeds 0-3, so this recipe shows no gain beyond seed noise; the
+spans 0.00446-0.00523 over training seeds 0-6, so this recipe shows no gain beyond seed noise; the
 paper's 0.0043 and the best published 0.0035 are not reached. The recipes tried, with their
 figures (including those that did not help), are recorded in
 ``benchmarks/results/nbody_charged_best.json``. Run with::
