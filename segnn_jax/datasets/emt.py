@@ -49,8 +49,9 @@ import json
 import multiprocessing
 import os
 import time
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -154,7 +155,9 @@ class EMTConfig:
 
 
 @functools.cache
-def catalyst_compositions(catalysts: str = "elements") -> dict[str, tuple[tuple[str, float], ...]]:
+def catalyst_compositions(
+    catalysts: str = "elements",
+) -> Mapping[str, tuple[tuple[str, float], ...]]:
     """Catalyst label -> ``((metal, fraction of the sites), ...)`` of a catalyst set.
 
     ``"elements"``: ``{"Cu": (("Cu", 1.0),), ...}`` for the seven metals.
@@ -172,7 +175,7 @@ def catalyst_compositions(catalysts: str = "elements") -> dict[str, tuple[tuple[
             for b in METALS[i + 1:]:
                 out[f"{a}2{b}"] = ((a, 2 / 3), (b, 1 / 3))
                 out[f"{a}{b}2"] = ((a, 1 / 3), (b, 2 / 3))
-    return out
+    return types.MappingProxyType(out)  # cached: read-only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,16 +289,19 @@ def _slab(catalyst: str, config: EMTConfig, arrangement_seed: int = 0) -> Any:
     return slab
 
 
-@functools.cache
-def _clean_slab_energy(catalyst: str, config: EMTConfig, arrangement_seed: int = 0) -> float:
-    """Relaxed energy of the clean slab (per arrangement for an alloy: a pure metal's slab does
-    not depend on ``arrangement_seed``, so callers pass 0 and share one relaxation)."""
+def _relaxed_clean_energy(slab: Any, config: EMTConfig) -> float:
     from ase.calculators.emt import EMT
 
-    slab = _slab(catalyst, config, arrangement_seed)
     slab.calc = EMT()
     _relax(slab, config.fmax / 5, 1000)
     return float(slab.get_potential_energy())
+
+
+@functools.cache
+def _clean_slab_energy(metal: str, config: EMTConfig) -> float:
+    """A pure metal's relaxed clean slab, shared by all its samples (an alloy's depends on the
+    arrangement of each sample and is relaxed per sample)."""
+    return _relaxed_clean_energy(_slab(metal, config), config)
 
 
 @functools.cache
@@ -365,8 +371,8 @@ def generate_emt_sample(seed: int, index: int, config: EMTConfig = EMTConfig()) 
     converged, energies, positions, forces = _relax(atoms, config.fmax, config.max_steps)
 
     refs = gas_references()
-    if alloy:  # every arrangement is its own slab: not worth a cache entry
-        e_clean = _clean_slab_energy.__wrapped__(spec.metal, config, arrangement)
+    if alloy:
+        e_clean = _relaxed_clean_energy(_slab(spec.metal, config, arrangement), config)
     else:
         e_clean = _clean_slab_energy(spec.metal, config)
     e_gas = float(sum(refs[s] for s in mol.get_chemical_symbols()))
