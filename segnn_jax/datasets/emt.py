@@ -353,9 +353,9 @@ def generate_emt_sample(seed: int, index: int, config: EMTConfig = EMTConfig()) 
     from ase.calculators.singlepoint import SinglePointCalculator
 
     spec = sample_spec(seed, index, config)
+    atoms = _slab(spec.metal, config, spec.arrangement_seed)  # a pure metal ignores the seed
     alloy = len(catalyst_compositions(config.catalysts)[spec.metal]) > 1
-    arrangement = spec.arrangement_seed if alloy else 0
-    atoms = _slab(spec.metal, config, arrangement)
+    clean = atoms.copy() if alloy else None  # the reference slab of this very arrangement
     n_slab = len(atoms)
     mol, binding = _adsorbate_atoms(spec.adsorbate, spec.rotation_deg)
     add_adsorbate(
@@ -371,8 +371,8 @@ def generate_emt_sample(seed: int, index: int, config: EMTConfig = EMTConfig()) 
     converged, energies, positions, forces = _relax(atoms, config.fmax, config.max_steps)
 
     refs = gas_references()
-    if alloy:
-        e_clean = _relaxed_clean_energy(_slab(spec.metal, config, arrangement), config)
+    if clean is not None:
+        e_clean = _relaxed_clean_energy(clean, config)
     else:
         e_clean = _clean_slab_energy(spec.metal, config)
     e_gas = float(sum(refs[s] for s in mol.get_chemical_symbols()))
