@@ -23,8 +23,11 @@ Configurations (the reference hyper-parameters of the SEGNN paper, see ``shared/
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -280,6 +283,24 @@ def build(name: str, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, spec
 
 
+def build_or_load(name: str, batches: Optional[Path] = None) -> tuple[dict[str, np.ndarray], dict]:
+    """:func:`build`, or the batch saved as ``batches/NAME.npz`` by this module's command line.
+
+    Saved batches let a machine without the QM9 data or ASE (an accelerator node, say) time
+    exactly the batches built here.
+
+    Raises:
+        FileNotFoundError: ``batches`` is given but holds no batch of that name.
+    """
+    if batches is None:
+        return build(name)
+    path = Path(batches) / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved batch {path}; write it with "
+                                f"'python benchmarks/inputs.py --save {batches} --configs {name}'")
+    return load(path)
+
+
 def save(path: Path, arrays: dict[str, np.ndarray], spec: dict) -> None:
     """Writes a batch for another process: plain arrays plus the spec as a JSON string (no pickle)."""
     np.savez(path, __spec__=np.asarray(json.dumps(spec)), **arrays)
@@ -291,3 +312,22 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         spec = json.loads(str(data["__spec__"]))
         arrays = {key: data[key] for key in data.files if key != "__spec__"}
     return arrays, spec
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the benchmark batches as .npz files.")
+    parser.add_argument("--save", type=Path, required=True, help="folder to write NAME.npz into")
+    parser.add_argument("--configs", nargs="+", default=sorted(CONFIGS), choices=sorted(CONFIGS))
+    args = parser.parse_args(argv)
+    args.save.mkdir(parents=True, exist_ok=True)
+    for name in args.configs:
+        arrays, spec = build(name)
+        save(args.save / f"{name}.npz", arrays, spec)
+        print(f"{name}: {len(arrays['positions'])} nodes, {len(arrays['senders'])} edges, "
+              f"source: {spec['source']}")
+
+
+if __name__ == "__main__":
+    if str(Path(__file__).resolve().parent.parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
@@ -180,9 +181,9 @@ def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
             row_tile: str = "none", scan_layers: bool = False, compute_dtype=None,
-            backend: str = "e3nn") -> dict:
+            backend: str = "e3nn", batches: Optional[Path] = None) -> dict:
     """All figures of one configuration, measured in this process."""
-    arrays, spec = inputs.build(name)
+    arrays, spec = inputs.build_or_load(name, batches)
     record = {
         "settings": spec,
         "dtype": dtype,
@@ -235,7 +236,7 @@ def _child(args) -> None:
     record = measure(
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
         args.row_tile, args.scan_layers, args.compute_dtype,
-        backend=args.backend,
+        backend=args.backend, batches=args.batches,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
@@ -303,6 +304,11 @@ def main(argv=None) -> dict:
         "--compute-dtype", default="none",
         help="mixed precision: none (float32 throughout), bfloat16 or float16 tensor products",
     )
+    parser.add_argument(
+        "--batches", type=Path, default=None,
+        help="read the batches from DIR/NAME.npz (written by benchmarks/inputs.py --save) "
+             "instead of building them here",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--update",
@@ -340,6 +346,7 @@ def main(argv=None) -> dict:
         "scan_layers": args.scan_layers,
         "tensor_product_backend": args.backend,
         "compute_dtype": args.compute_dtype,
+        "batches": None if args.batches is None else str(args.batches),
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -364,7 +371,7 @@ def main(argv=None) -> dict:
                 record = measure(
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
                     args.row_tile, args.scan_layers, args.compute_dtype,
-                    backend=args.backend,
+                    backend=args.backend, batches=args.batches,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -387,6 +394,7 @@ def main(argv=None) -> dict:
                         *(["--scan-layers"] if args.scan_layers else []),
                         "--backend",
                         args.backend,
+                        *(["--batches", str(args.batches)] if args.batches else []),
                         "--compute-dtype",
                         args.compute_dtype,
                         "--matmul",

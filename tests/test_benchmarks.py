@@ -71,6 +71,19 @@ def test_save_load_round_trip(tmp_path):
         assert loaded[key].dtype == value.dtype
 
 
+
+def test_saved_batches_are_read_back_for_the_same_configuration(tmp_path, capsys):
+    inputs.main(["--save", str(tmp_path), "--configs", "nbody"])
+    assert "nbody: 500 nodes, 2000 edges" in capsys.readouterr().out
+    loaded, spec = inputs.build_or_load("nbody", tmp_path)
+    built, built_spec = inputs.build("nbody")
+    assert spec == built_spec
+    for key, value in built.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    # Only the configurations that were saved can be read; the error names the command.
+    with pytest.raises(FileNotFoundError, match="--save"):
+        inputs.build_or_load("qm9", tmp_path)
+
 def test_summarise_reports_milliseconds():
     summary = common.summarise([0.001, 0.002, 0.003, 0.004, 0.005])
     assert summary["median_ms"] == pytest.approx(3.0)
