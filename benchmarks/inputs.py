@@ -19,6 +19,9 @@ Configurations (the reference hyper-parameters of the SEGNN paper, see ``shared/
   hidden 188x0e+61x1o (``weight_balanced_irreps(256, sh(2), lmax=1, sh=False)``), 6 layers, mean
   pooling, input a learned 256-dimensional embedding of the atomic number, extra |r_ij|^2, harmonics
   up to l=2 ("component"), L1 loss.
+
+Each configuration also names the contraction order of its tensor products (the same function):
+the faster one measured here, weights first for N-body and OC20, couple first for QM9.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ CONFIGS: dict[str, dict] = {
         "norm": None,
         "loss": "mse",
         "n_graphs": 100,
+        "contraction_order": "weights_first",
     },
     "qm9": {
         "hidden": "36x0e+36x1o+36x2e",
@@ -60,6 +64,7 @@ CONFIGS: dict[str, dict] = {
         "loss": "l1",
         "n_graphs": 128,
         "cutoff": 2.0,
+        "contraction_order": "couple_first",
     },
     "oc20": {
         "hidden": "188x0e+61x1o",
@@ -76,6 +81,7 @@ CONFIGS: dict[str, dict] = {
         "n_graphs": 8,
         "cutoff": 6.0,
         "embedding_dim": 256,
+        "contraction_order": "weights_first",
     },
 }
 

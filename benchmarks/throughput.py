@@ -51,7 +51,7 @@ DTYPES = ("float32", "float64", "bfloat16")
 def build_ours(
     arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None,
     backend: str = "e3nn",
-    scan_layers: bool = False, compute_dtype=None,
+    scan_layers: bool = False, compute_dtype=None, contraction_order: Optional[str] = None,
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
@@ -67,6 +67,8 @@ def build_ours(
         scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
         backend: the tensor-product backend, ``"e3nn"`` or ``"cuequivariance"``, see ``SEGNN``.
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision, see ``SEGNN``.
+        contraction_order: ``"couple_first"`` or ``"weights_first"`` (see ``SEGNN``); None: the
+            configuration's (``spec["contraction_order"]``, the faster one measured here).
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -81,6 +83,8 @@ def build_ours(
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     n_nodes = len(arrays["positions"])
+    if contraction_order is None:
+        contraction_order = spec.get("contraction_order", "couple_first")
 
     def model(batch, is_training):
         graph = jraph.GraphsTuple(
@@ -130,6 +134,7 @@ def build_ours(
             scan_layers=scan_layers,
             backend=backend,
             compute_dtype=compute_dtype,
+            contraction_order=contraction_order,
         )
         return network(st_graph, is_training).array
 
@@ -171,19 +176,23 @@ def resolve_compute_dtype(option):
     return models.validate_model_config({"compute_dtype": option})["compute_dtype"]
 
 
-def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None):
+def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None,
+                        contraction_order=None):
     import jax
 
-    bench = build_ours(arrays, spec, dtype, row_tile=None, compute_dtype=compute_dtype)
+    bench = build_ours(arrays, spec, dtype, row_tile=None, compute_dtype=compute_dtype,
+                       contraction_order=contraction_order)
     lowered = jax.jit(bench.step_fn).lower(bench.params, bench.state, bench.opt_state, bench.batch)
     return common.cost_flops(lowered)
 
 
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
             row_tile: str = "none", scan_layers: bool = False, compute_dtype=None,
-            backend: str = "e3nn", batches: Optional[Path] = None) -> dict:
+            backend: str = "e3nn", batches: Optional[Path] = None,
+            contraction_order: str = "config") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build_or_load(name, batches)
+    order = None if contraction_order == "config" else contraction_order
     record = {
         "settings": spec,
         "dtype": dtype,
@@ -194,10 +203,12 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "scan_layers": scan_layers,
         "tensor_product_backend": backend,
         "compute_dtype": resolve_compute_dtype(compute_dtype),
+        "contraction_order": order or spec.get("contraction_order", "couple_first"),
     }
     bench = build_ours(arrays, spec, dtype, backend=backend,
                        row_tile=record["row_tile"], scan_layers=scan_layers,
-                       compute_dtype=record["compute_dtype"])
+                       compute_dtype=record["compute_dtype"],
+                       contraction_order=record["contraction_order"])
     record["params"] = bench.n_params
     forward = bench.compile("forward")
     step = bench.compile("train_step")
@@ -215,7 +226,8 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
     if record["row_tile"] is not None or scan_layers:
         # XLA counts a loop body once, so a tiled or scanned step's estimate misses most of its
         # work: count the same function unrolled and untiled, from its lowering (no compilation).
-        step["flops"] = _untiled_step_flops(arrays, spec, dtype, record["compute_dtype"])
+        step["flops"] = _untiled_step_flops(arrays, spec, dtype, record["compute_dtype"],
+                                            record["contraction_order"])
         record["flops_source"] = ("XLA cost analysis of the lowered unrolled, untiled training "
                                   "step (the same function)")
     if step["flops"] is not None:
@@ -236,7 +248,7 @@ def _child(args) -> None:
     record = measure(
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
         args.row_tile, args.scan_layers, args.compute_dtype,
-        backend=args.backend, batches=args.batches,
+        backend=args.backend, batches=args.batches, contraction_order=args.contraction_order,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
@@ -246,7 +258,9 @@ def _serve(args) -> None:
     common.serve(build_ours(arrays, spec, args.dtype, backend=args.backend,
                             row_tile=resolve_row_tile(args.row_tile),
                             scan_layers=args.scan_layers,
-                            compute_dtype=resolve_compute_dtype(args.compute_dtype)))
+                            compute_dtype=resolve_compute_dtype(args.compute_dtype),
+                            contraction_order=(None if args.contraction_order == "config"
+                                               else args.contraction_order)))
 
 
 def _print_record(name: str, r: dict) -> None:
@@ -305,6 +319,12 @@ def main(argv=None) -> dict:
         help="mixed precision: none (float32 throughout), bfloat16 or float16 tensor products",
     )
     parser.add_argument(
+        "--contraction-order", default="config",
+        choices=("config", "couple_first", "weights_first"),
+        help="tensor-product contraction order: each configuration's (config, the default) or one "
+             "for all",
+    )
+    parser.add_argument(
         "--batches", type=Path, default=None,
         help="read the batches from DIR/NAME.npz (written by benchmarks/inputs.py --save) "
              "instead of building them here",
@@ -347,6 +367,7 @@ def main(argv=None) -> dict:
         "tensor_product_backend": args.backend,
         "compute_dtype": args.compute_dtype,
         "batches": None if args.batches is None else str(args.batches),
+        "contraction_order": args.contraction_order,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -372,6 +393,7 @@ def main(argv=None) -> dict:
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
                     args.row_tile, args.scan_layers, args.compute_dtype,
                     backend=args.backend, batches=args.batches,
+                    contraction_order=args.contraction_order,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -395,6 +417,8 @@ def main(argv=None) -> dict:
                         "--backend",
                         args.backend,
                         *(["--batches", str(args.batches)] if args.batches else []),
+                        "--contraction-order",
+                        args.contraction_order,
                         "--compute-dtype",
                         args.compute_dtype,
                         "--matmul",

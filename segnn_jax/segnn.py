@@ -28,7 +28,7 @@ from segnn_jax.graph import node_graph_index
 from segnn_jax.graph import node_mask as graph_node_mask
 from segnn_jax.layers import O3TensorProduct, O3TensorProductGate
 from segnn_jax.norm import BatchNorm, InstanceNorm
-from segnn_jax.tensor_product import check_compute_dtype
+from segnn_jax.tensor_product import check_compute_dtype, check_order
 from segnn_jax.tensor_product_cue import check_backend
 
 __all__ = ["SEConv", "SEConvLayer", "SEGNN", "SEGNNLayer", "pool_nodes", "stack_layer_params",
@@ -65,19 +65,19 @@ class SEGNNLayer(hk.Module):
     Args:
         hidden_irreps: irreps of the node features, the messages and the update.
         norm: None, ``"instance"`` (per graph) or ``"batch"``; both skip padding nodes.
-        weight_init, row_tile, backend, compute_dtype: see
+        weight_init, row_tile, backend, compute_dtype, contraction_order: see
             :class:`segnn_jax.layers.O3TensorProduct`.
     """
 
     def __init__(self, hidden_irreps, *, norm: Optional[str] = None, weight_init: str = "reference",
                  backend: str = "e3nn",
                  row_tile: Optional[int] = None, compute_dtype: Optional[str] = None,
-                 name: Optional[str] = None):
+                 contraction_order: str = "couple_first", name: Optional[str] = None):
         super().__init__(name=name)
         self.hidden_irreps = e3nn.Irreps(hidden_irreps).regroup()
         self.norm = _check_norm(norm)
         self.tp_options = dict(weight_init=weight_init, backend=backend, row_tile=row_tile,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, contraction_order=contraction_order)
 
     def __call__(
         self,
@@ -140,7 +140,8 @@ class _SteerableNetwork(hk.Module):
                  pool: str = "avg", norm: Optional[str] = None, weight_init: str = "reference",
                  backend: str = "e3nn",
                  scan_layers: bool = False, row_tile: Optional[int] = None,
-                 compute_dtype: Optional[str] = None, name: Optional[str] = None):
+                 compute_dtype: Optional[str] = None, contraction_order: str = "couple_first",
+                 name: Optional[str] = None):
         super().__init__(name=name)
         if task not in ("node", "graph"):
             raise ValueError(f"task must be 'node' or 'graph', got {task!r}")
@@ -162,12 +163,13 @@ class _SteerableNetwork(hk.Module):
         self.scan_layers = scan_layers
         self.row_tile = row_tile
         self.compute_dtype = check_compute_dtype(compute_dtype)
+        self.contraction_order = check_order(contraction_order)
 
     def _layer_options(self) -> dict:
         """Constructor arguments of one message-passing layer (``layer_class`` is set by subclasses)."""
         return dict(norm=self.norm, weight_init=self.weight_init, backend=self.backend,
-                    row_tile=self.row_tile,
-                    compute_dtype=self.compute_dtype)
+                    row_tile=self.row_tile, compute_dtype=self.compute_dtype,
+                    contraction_order=self.contraction_order)
 
     def __call__(self, st_graph: SteerableGraphsTuple, is_training: bool = False) -> e3nn.IrrepsArray:
         """Runs the network.
@@ -183,8 +185,8 @@ class _SteerableNetwork(hk.Module):
         ctx = _Context(st_graph.graph, st_graph.node_features.shape[0], st_graph.edge_weights)
         _check_shapes(st_graph, ctx)
         tp_options = dict(weight_init=self.weight_init, backend=self.backend,
-                          row_tile=self.row_tile,
-                          compute_dtype=self.compute_dtype)
+                          row_tile=self.row_tile, compute_dtype=self.compute_dtype,
+                          contraction_order=self.contraction_order)
         node_attr, edge_attr = st_graph.node_attributes, st_graph.edge_attributes
         features = O3TensorProduct(self.hidden_irreps, **tp_options, name="embedding")(
             st_graph.node_features, node_attr)
@@ -257,6 +259,8 @@ class SEGNN(_SteerableNetwork):
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision in every tensor
             product (contractions in this dtype, float32 accumulation and outputs); parameters,
             gates, sums over messages, norms and pooling stay float32.
+        contraction_order: ``"couple_first"`` or ``"weights_first"`` in every tensor product
+            (see :class:`segnn_jax.layers.O3TensorProduct`): the same function and parameters.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs
@@ -284,13 +288,14 @@ class SEConvLayer(hk.Module):
     def __init__(self, hidden_irreps, *, nonlinear: bool, norm: Optional[str] = None,
                  backend: str = "e3nn",
                  weight_init: str = "reference", row_tile: Optional[int] = None,
-                 compute_dtype: Optional[str] = None, name: Optional[str] = None):
+                 compute_dtype: Optional[str] = None, contraction_order: str = "couple_first",
+                 name: Optional[str] = None):
         super().__init__(name=name)
         self.hidden_irreps = e3nn.Irreps(hidden_irreps).regroup()
         self.nonlinear = nonlinear
         self.norm = _check_norm(norm)
         self.tp_options = dict(weight_init=weight_init, backend=backend, row_tile=row_tile,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, contraction_order=contraction_order)
 
     def __call__(self, features, edge_attr, node_attr, extra, ctx: _Context, is_training=False):
         inputs = [(features, ctx.senders)] + ([extra] if extra is not None else [])

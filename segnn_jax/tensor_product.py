@@ -21,6 +21,10 @@ in one place. It never builds the dense Clebsch-Gordan tensor of the whole produ
 2. concatenate the paths along the input channels and apply all their weights in ONE matrix
    multiply ``[..., 2l+1, sum of mul1 mul2] @ [sum of mul1 mul2, mul_out]``.
 
+That is the default order, ``"couple_first"``. ``order="weights_first"`` computes the same
+function the other way round (:func:`_weights_first`): weights per input irrep first, on the
+nodes for gathered inputs, then the coupling; faster where edges far outnumber nodes.
+
 Mixed precision (``compute_dtype="bfloat16"`` or ``"float16"``): the features, ``x2`` times its
 Clebsch-Gordan block, the coupled products and the weights are stored in the low dtype (rounded
 once each), in the backward pass too. The weight matrix multiply and its two backward products
@@ -46,10 +50,12 @@ import numpy as np
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "ORDERS",
     "Path",
     "Segment",
     "TensorProductSpec",
     "check_compute_dtype",
+    "check_order",
     "checked_segments",
     "fan_in",
     "init_bound",
@@ -62,6 +68,7 @@ __all__ = [
 ]
 
 COMPUTE_DTYPES = ("bfloat16", "float16")
+ORDERS = ("couple_first", "weights_first")
 
 
 def check_compute_dtype(compute_dtype) -> Optional[str]:
@@ -80,6 +87,13 @@ def check_compute_dtype(compute_dtype) -> Optional[str]:
         raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, "
                          f"got {compute_dtype!r}")
     return name
+
+
+def check_order(order: str) -> str:
+    """``order`` if it names a contraction order of :func:`tensor_product`, else a ValueError."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
 
 
 class Path(NamedTuple):
@@ -313,6 +327,7 @@ def tensor_product(
     x1: Sequence[Segment],
     x2: Optional[e3nn.IrrepsArray],
     compute_dtype: Optional[str] = None,
+    order: str = "couple_first",
 ) -> e3nn.IrrepsArray:
     """``concat(x1) x x2 -> out`` with the given weights (no bias).
 
@@ -324,11 +339,16 @@ def tensor_product(
         x2: ``[..., in2.dim]``, or None for the constant ``1x0e`` (then the product is linear).
         compute_dtype: None (compute in the inputs' dtype), ``"bfloat16"`` or ``"float16"``:
             mixed precision as described in the module docstring.
+        order: ``"couple_first"`` (Clebsch-Gordan coupling, then one weight matrix multiply per
+            output irrep) or ``"weights_first"`` (:func:`_weights_first`): the same function,
+            faster or slower depending on the shapes.
 
     Returns:
         ``[..., out.dim]`` with irreps ``spec.irreps_out``, in the dtype of ``x1``.
     """
     compute_dtype = check_compute_dtype(compute_dtype)
+    if check_order(order) == "weights_first":
+        return _weights_first(spec, weights, x1, x2, compute_dtype)
     segments = _segment_chunks(spec, x1, compute_dtype)
     dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype  # of the inputs and output
     first = next(chunk for seg in segments for chunk, _ in seg.values())
@@ -371,6 +391,107 @@ def tensor_product(
             out = jnp.concatenate(coupled, axis=-1) @ jnp.concatenate(blocks, axis=0)
         outputs.append(jnp.swapaxes(out, -1, -2))
     return e3nn.from_chunks(spec.irreps_out, outputs, leading, dtype)
+
+
+def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
+                   x1: Sequence[Segment], x2: Optional[e3nn.IrrepsArray],
+                   compute_dtype: Optional[str]) -> e3nn.IrrepsArray:
+    """:func:`tensor_product` with the weights applied before the coupling.
+
+    Per input irrep, ONE matrix multiply applies the weights of all paths that read it (side by
+    side, ``[mul1, sum over its paths of mul2 mul_out]``), on the rows the segment arrives with:
+    a gathered segment ``(array, index)`` is mixed on the nodes and the result gathered, so the
+    multiply runs on nodes rather than edges. Each path's columns are then coupled with ``x2``
+    through the nonzero Clebsch-Gordan coefficients and summed into its output irrep; the wide
+    concatenated coupled products of ``"couple_first"`` never exist. Pays where edges far
+    outnumber nodes or the orders are low (the N-body and OC20-like configurations), loses where
+    the coupling of many output channels dominates (QM9's l <= 3); see benchmarks/README.md.
+
+    With ``compute_dtype`` the multiplies read the features and weights in that dtype and
+    accumulate in float32; the coupling runs in float32.
+    """
+    dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype
+    filled = {ir: 0 for _, ir in spec.irreps_in1}
+    segments, leading = [], None  # per segment: (index, {ir: (chunk [n.., i, u], start, stop)})
+    for array, index in checked_segments(spec, x1):
+        array = e3nn.IrrepsArray(array.irreps, array.array).regroup()  # dense: no zero flags
+        rows_of = array.shape[:-1] if index is None else index.shape + array.shape[1:-1]
+        leading = rows_of if leading is None else leading
+        chunks = {}
+        for (mul, ir), chunk in zip(array.irreps, split_chunks(array)):
+            if mul == 0:
+                continue
+            chunk = jnp.swapaxes(chunk, -1, -2)
+            chunks[ir] = (chunk if compute_dtype is None else chunk.astype(compute_dtype),
+                          filled[ir], filled[ir] + mul)
+            filled[ir] += mul
+        segments.append((index, chunks))
+    y2 = None
+    if x2 is not None:
+        x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()
+        if x2.irreps != spec.irreps_in2:
+            raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects "
+                             f"{spec.irreps_in2}")
+        y2 = [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in split_chunks(x2)]
+    outputs = [None] * len(spec.irreps_out)
+    for i1, (_, ir1) in enumerate(spec.irreps_in1):
+        group = [(path, w) for path, w in zip(spec.paths, weights) if path.i1 == i1]
+        if not group:
+            continue
+        columns = jnp.concatenate([w.reshape(w.shape[0], -1) for _, w in group], axis=1)
+        mixed = None  # [..., 2l1+1, columns]
+        for index, chunks in segments:
+            if ir1 not in chunks:
+                continue
+            x, start, stop = chunks[ir1]
+            flat = x.reshape(-1, x.shape[-1])
+            if compute_dtype is None:
+                y = flat @ columns[start:stop]
+            else:
+                y = _mixed_matmul(flat, columns[start:stop], compute_dtype)
+            y = y.reshape(x.shape[:-1] + (columns.shape[1],))
+            y = y if index is None else y[index]
+            mixed = y if mixed is None else mixed + y
+        offset = 0
+        for path, w in group:
+            mul2, mul_out = w.shape[1], w.shape[2]
+            part = mixed[..., offset:offset + mul2 * mul_out]
+            part = part.reshape(part.shape[:-1] + (mul2, mul_out))  # [..., i, v, w]
+            offset += mul2 * mul_out
+            if y2 is None:  # x2 = 1x0e: the coupling is the identity
+                term = part[..., 0, :]
+            else:
+                term = _couple_columns(spec, path, y2[path.i2], part)
+            previous = outputs[path.i_out]
+            outputs[path.i_out] = term if previous is None else previous + term
+    chunks = [jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
+    return e3nn.from_chunks(spec.irreps_out, chunks, leading, dtype)
+
+
+def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: jnp.ndarray
+                    ) -> jnp.ndarray:
+    """``out[..., k, w] = sum over v, i, j of cg[i, j, k] y[..., v, j] part[..., i, v, w]``,
+    unrolled over the nonzero coefficients (most of a Clebsch-Gordan block is zero)."""
+    ir1 = spec.irreps_in1[path.i1].ir
+    ir2 = spec.irreps_in2[path.i2].ir
+    ir_out = spec.irreps_out[path.i_out].ir
+    cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
+    rows = []
+    for k in range(ir_out.dim):
+        total = None
+        for i in range(ir1.dim):
+            nonzero = [(j, float(cg[i, j, k])) for j in range(ir2.dim) if abs(cg[i, j, k]) > 1e-12]
+            if not nonzero:
+                continue
+            coefficient = sum(c * y[..., :, j] for j, c in nonzero)  # [..., v]
+            if part.shape[-2] == 1:  # one attribute channel (spherical harmonics): no reduction
+                term = coefficient[..., 0, None] * part[..., i, 0, :]
+            else:
+                term = jnp.sum(coefficient[..., :, None] * part[..., i, :, :], axis=-2)
+            total = term if total is None else total + term
+        rows.append(total if total is not None else jnp.zeros(part.shape[:-3] + part.shape[-1:],
+                                                                 part.dtype))
+    return jnp.stack(rows, axis=-2)  # [..., 2l+1, w]
 
 
 def _row_count(x1: Sequence[Segment], x2: Optional[e3nn.IrrepsArray]) -> Optional[int]:

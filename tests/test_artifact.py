@@ -73,8 +73,10 @@ def test_loaded_model_predicts_bit_identically_to_the_run(run_dir, loaded):
     cfg = nbody.validate_config(json.loads((run_dir / "config.json").read_text()))
     example = inference.example_graph("nbody", cfg)
     params, model_state, step = nbody.restore_params(cfg, run_dir, example)  # the task's path
-    expected = np.asarray(jax.jit(lambda g: nbody.make_model(cfg).apply(
-        params, model_state, None, g, False)[0])(example))
+    # Parameters as arguments, as the run's evaluation step takes them (closed over, XLA may fold
+    # them into constants and round differently).
+    expected = np.asarray(jax.jit(lambda p, s, g: nbody.make_model(cfg).apply(
+        p, s, None, g, False)[0])(params, model_state, example))
 
     model = loaded
     assert model.task == "nbody" and model.info["checkpoint_step"] == step == 7

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 import segnn_jax as sj
+from segnn_jax.tasks import models as model_configs
+from segnn_jax.tensor_product import ORDERS
+from segnn_jax.training.config import ConfigError
 from model_fixtures import featurize, make_model, pad, random_graph, to_device
 
 
@@ -31,15 +34,21 @@ def test_equivariance_from_raw_inputs_float32(keys, network, task, norm):
     _check_equivariance(keys, network, task, norm, jnp.float32, tolerance=1e-4)
 
 
+def test_equivariance_with_weights_first_contractions(keys):
+    _check_equivariance(keys, "segnn", "node", None, jnp.float32, tolerance=1e-4,
+                        contraction_order="weights_first")
+
+
 def test_equivariance_from_raw_inputs_float64(keys):
     with jax.enable_x64(True):
         _check_equivariance(keys, "segnn", "graph", "instance", jnp.float64, tolerance=1e-10)
 
 
-def _check_equivariance(keys, network, task, norm, dtype, tolerance):
+def _check_equivariance(keys, network, task, norm, dtype, tolerance,
+                        contraction_order="couple_first"):
     rng = np.random.default_rng(0)
     graph = to_device(pad([random_graph(rng, 5), random_graph(rng, 4)], 12, 40, 3), dtype)
-    model = make_model(network, task, norm)
+    model = make_model(network, task, norm, contraction_order=contraction_order)
     pos, vel = graph.nodes["positions"], graph.nodes["velocities"]
     params, state = model.init(next(keys), graph, pos, vel)
     params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
@@ -223,3 +232,46 @@ def test_row_tiles_are_the_same_function(keys):
     scale = max(float(np.max(np.abs(g))) for g in plain_leaves)  # gradients near 0 differ by rounding
     for plain, tiled in zip(plain_leaves, jax.tree_util.tree_leaves(grads_tiled)):
         assert float(np.max(np.abs(np.asarray(tiled) - plain))) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("network,task,norm", [("segnn", "graph", "instance")])
+def test_contraction_orders_are_the_same_network(keys, network, task, norm):
+    """The same parameters give the same outputs and gradients with either contraction order,
+    padding included (26 nodes, 80 edges for 9 real nodes)."""
+    rng = np.random.default_rng(3)
+    batch = to_device(pad([random_graph(rng, 5), random_graph(rng, 4, kind="radius")], 26, 80, 3))
+    pos, vel = batch.nodes["positions"], batch.nodes["velocities"]
+    models = {order: make_model(network, task, norm, layers=1, lmax=1, contraction_order=order)
+              for order in ORDERS}
+    params, state = models["couple_first"].init(next(keys), batch, pos, vel)
+    params_wf, _ = models["weights_first"].init(next(keys), batch, pos, vel)
+    assert jax.tree_util.tree_structure(params_wf) == jax.tree_util.tree_structure(params)
+
+    def loss(params, order):
+        out = models[order].apply(params, state, batch, pos, vel)[0]
+        return jnp.sum(jnp.sin(out)), out
+
+    results = {order: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, order)
+               for order in models}
+    (grads_cf, out_cf), (grads_wf, out_wf) = results["couple_first"], results["weights_first"]
+    np.testing.assert_allclose(out_wf, out_cf, rtol=1e-5, atol=1e-6)
+    leaves_cf = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads_cf)]
+    scale = max(float(np.max(np.abs(g))) for g in leaves_cf)
+    for couple_first, weights_first in zip(leaves_cf, jax.tree_util.tree_leaves(grads_wf)):
+        assert float(np.max(np.abs(np.asarray(weights_first) - couple_first))) <= 1e-5 * scale
+
+
+def test_bad_contraction_order_is_refused():
+    with pytest.raises(ValueError, match="contraction_order|order must be"):
+        hk.transform(lambda: sj.SEGNN("4x0e+2x1o", "1x1o", 1, contraction_order="fast")
+                     ).apply({}, None)
+    with pytest.raises(ValueError, match="contraction_order='weights_first' needs backend='e3nn'"):
+        hk.transform(lambda: sj.O3TensorProduct("2x0e", contraction_order="weights_first",
+                                                backend="cuequivariance")).apply({}, None)
+    for bad in ({"contraction_order": "fast"},
+                {"contraction_order": "weights_first", "backend": "cuequivariance"}):
+        with pytest.raises(ConfigError, match=r"config\.model\.contraction_order"):
+            model_configs.validate_model_config(bad)
+    config = model_configs.validate_model_config({"contraction_order": "weights_first"})
+    assert config["contraction_order"] == "weights_first"
+    assert model_configs.validate_model_config({})["contraction_order"] == "couple_first"

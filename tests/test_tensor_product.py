@@ -201,3 +201,69 @@ def test_split_chunks_equal_the_chunks_in_value_and_gradient(keys):
                                rtol=1e-6)
     single = e3nn.normal("2x1o", next(keys), (3,))
     np.testing.assert_array_equal(tp.split_chunks(single)[0], single.chunks[0])
+
+
+@pytest.mark.parametrize("in1,in2,out", CASES)
+def test_weights_first_matches_direct_evaluation(keys, in1, in2, out):
+    spec = tp.make_spec(in1, in2, out)
+    weights = tp.init_weights(next(keys), spec)
+    x1 = e3nn.normal(in1, next(keys), (2, 5))  # two leading axes
+    x2 = e3nn.normal(in2, next(keys), (2, 5))
+    out = jax.jit(lambda w, a, b: tp.tensor_product(spec, w, [a], b, order="weights_first")
+                  )(weights, x1, x2)
+    assert out.irreps == spec.irreps_out and out.shape == (2, 5, spec.irreps_out.dim)
+    direct = jax.jit(lambda w, a, b: direct_tensor_product(spec, w, a, b))(weights, x1, x2)
+    np.testing.assert_allclose(out.array, direct.array, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in2", ["0e+1o+2e+3o", "2x0e+1x1o", None])
+def test_weights_first_is_the_same_function_in_value_and_gradient(keys, in2):
+    """Gathered node segments (mixed on the nodes, then gathered), an edge segment and the
+    attributes: outputs and gradients with respect to the weights, the node features, the edge
+    features and the attributes (forces flow through them) equal the couple-first ones."""
+    hidden = "3x0e+2x1o+2x2e"
+    nodes = e3nn.normal(hidden, next(keys), (6,))
+    extra = e3nn.normal("2x0e", next(keys), (11,))
+    senders = jax.random.randint(next(keys), (11,), 0, 6)
+    receivers = jax.random.randint(next(keys), (11,), 0, 6)
+    attr = None if in2 is None else e3nn.normal(in2, next(keys), (11,))
+    spec = tp.make_spec([hidden, hidden, "2x0e"], in2,
+                        "4x0e+3x1o+2x2e" + ("" if in2 is None else "+1x1e"))
+    weights = tp.init_weights(next(keys), spec)
+
+    def loss(w, n, e, a, order):
+        out = tp.tensor_product(spec, w, [(n, receivers), (n, senders), e], a, order=order)
+        return jnp.sum(jnp.sin(out.array))
+
+    args = (weights, nodes, extra, attr)
+    argnums = (0, 1, 2) if attr is None else (0, 1, 2, 3)
+    results = [jax.jit(jax.value_and_grad(loss, argnums=argnums), static_argnums=4)(*args, order)
+               for order in tp.ORDERS]
+    (value_cf, grads_cf), (value_wf, grads_wf) = results
+    assert abs(float(value_wf) - float(value_cf)) < 1e-5 * max(1.0, abs(float(value_cf)))
+    leaves_cf, leaves_wf = jax.tree_util.tree_leaves(grads_cf), jax.tree_util.tree_leaves(grads_wf)
+    assert len(leaves_cf) == len(leaves_wf) > 0
+    for couple_first, weights_first in zip(leaves_cf, leaves_wf):
+        assert _relative_max_error(weights_first, couple_first) < 1e-5
+
+
+def test_weights_first_in_mixed_precision_stays_close_to_float32(keys):
+    spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
+        keys, "0e+1o", "4x0e+3x1o")
+    segments = [(nodes, receivers), (nodes, senders), extra]
+
+    @jax.jit
+    def products(weights, segments, attr):
+        return (tp.tensor_product(spec, weights, segments, attr),
+                tp.tensor_product(spec, weights, segments, attr, "bfloat16", order="weights_first"))
+
+    exact, low = products(weights, segments, attr)
+    assert low.dtype == jnp.float32
+    assert 0 < _relative_max_error(low.array, exact.array) < 3e-2
+
+
+def test_unknown_contraction_order_is_refused(keys):
+    spec = tp.make_spec("2x0e", None, "2x0e")
+    x = e3nn.normal("2x0e", next(keys), (3,))
+    with pytest.raises(ValueError, match="couple_first"):
+        tp.tensor_product(spec, tp.init_weights(next(keys), spec), [x], None, order="fastest")

@@ -31,8 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.task = "nbody"
     config.data = dict(DATA_DEFAULTS, dataset="charged", n_train=3000, n_valid=2000, n_test=2000)
     config.batch = dict(BATCH_DEFAULTS, batch_size=100)
+    # Weights before coupling: the same function, a 1.2x faster training step on these graphs
+    # (benchmarks/README.md).
     config.model = dict(models.default_model_config(), name="segnn", hidden_features=64,
-                        lmax_hidden=1, lmax_attr=1, num_layers=4, norm="none")
+                        lmax_hidden=1, lmax_attr=1, num_layers=4, norm="none",
+                        contraction_order="weights_first")
     train = default_train_config()
     train.update(num_epochs=EPOCHS, eval_every=5, log_every=10, seed=0)
     train["optimizer"].update(optimizer="adam", learning_rate=5e-4, weight_decay=1e-12,

@@ -33,8 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     # neighbours None: the data set's default, 6 nearest neighbours for gravity.
     config.data = dict(DATA_DEFAULTS, dataset="gravity", n_train=128, n_valid=32, n_test=100)
     config.batch = dict(BATCH_DEFAULTS, batch_size=16)
+    # Weights before coupling, as for charged N-body (the same function; benchmarks/README.md).
     config.model = dict(models.default_model_config(), name="segnn", hidden_features=64,
-                        lmax_hidden=1, lmax_attr=1, num_layers=4, norm="none")
+                        lmax_hidden=1, lmax_attr=1, num_layers=4, norm="none",
+                        contraction_order="weights_first")
     train = default_train_config()
     train.update(num_epochs=100, eval_every=5, log_every=8, seed=0)
     train["optimizer"].update(optimizer="adam", learning_rate=5e-4, weight_decay=1e-12,

@@ -32,6 +32,12 @@ The section (see :func:`default_model_config`)::
                      relative equivariance error of about 1e-2 (float16: 1e-3); on the 2-core CPU
                      its training step took 0.86x the float32 time on N-body, 1.36x on QM9
                      (benchmarks/results/mixed_precision_cpu.json); not yet timed on a GPU.
+    contraction_order "couple_first" (the default) | "weights_first": the order in which every
+                     tensor product applies its Clebsch-Gordan coupling and its weights (see
+                     segnn_jax.tensor_product.tensor_product); the same function and parameters.
+                     Weights first mixes node features on the nodes before gathering them to the
+                     edges: faster where edges far outnumber nodes or the orders are low (N-body,
+                     OC20), slower on QM9 (backend "e3nn" only; benchmarks/README.md)
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
 them to :func:`create_model`.
@@ -46,7 +52,7 @@ import haiku as hk
 
 from segnn_jax.irreps import weight_balanced_irreps
 from segnn_jax.segnn import SEGNN, SEConv
-from segnn_jax.tensor_product import COMPUTE_DTYPES
+from segnn_jax.tensor_product import COMPUTE_DTYPES, ORDERS
 from segnn_jax.tensor_product_cue import BACKENDS
 from segnn_jax.training.config import ConfigError, check_known_options, to_dict
 
@@ -70,6 +76,7 @@ _DEFAULTS: Dict[str, Any] = {
     "row_tile": None,
     "backend": "e3nn",
     "compute_dtype": None,
+    "contraction_order": "couple_first",
 }
 
 _CHOICES = {
@@ -79,6 +86,7 @@ _CHOICES = {
     "task": ("node", "graph"),
     "weight_init": ("reference", "unit"),
     "backend": BACKENDS,
+    "contraction_order": ORDERS,
 }
 
 
@@ -140,6 +148,9 @@ def validate_model_config(config: Any, *, name: str = "config.model") -> Dict[st
     if full["compute_dtype"] is not None and full["backend"] != "e3nn":
         raise ConfigError(f"{name}.compute_dtype: mixed precision needs backend 'e3nn', "
                           f"got backend {full['backend']!r}")
+    if full["contraction_order"] != "couple_first" and full["backend"] != "e3nn":
+        raise ConfigError(f"{name}.contraction_order: {full['contraction_order']!r} needs backend "
+                          f"'e3nn', got backend {full['backend']!r}")
     if full["hidden_irreps"] is not None:
         try:
             irreps = e3nn.Irreps(full["hidden_irreps"])
@@ -194,7 +205,8 @@ def create_model(model_config: Any, *, output_irreps) -> Callable[[], hk.Module]
     common = dict(task=cfg["task"], pool=cfg["pool"], norm=cfg["norm"],
                   weight_init=cfg["weight_init"], scan_layers=cfg["scan_layers"],
                   backend=cfg["backend"],
-                  row_tile=cfg["row_tile"], compute_dtype=cfg["compute_dtype"])
+                  row_tile=cfg["row_tile"], compute_dtype=cfg["compute_dtype"],
+                  contraction_order=cfg["contraction_order"])
 
     def factory() -> hk.Module:
         if cfg["name"] == "segnn":
