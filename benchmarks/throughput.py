@@ -67,8 +67,9 @@ def build_ours(
         scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
         backend: the tensor-product backend, ``"e3nn"`` or ``"cuequivariance"``, see ``SEGNN``.
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision, see ``SEGNN``.
-        contraction_order: ``"couple_first"`` or ``"weights_first"`` (see ``SEGNN``); None: the
-            configuration's (``spec["contraction_order"]``, the faster one measured here).
+        contraction_order: ``"couple_first"`` or ``"weights_first"`` (see ``SEGNN``); None or
+            ``"config"``: the configuration's (``spec["contraction_order"]``, the faster one
+            measured here).
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -83,8 +84,7 @@ def build_ours(
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     n_nodes = len(arrays["positions"])
-    if contraction_order is None:
-        contraction_order = spec.get("contraction_order", "couple_first")
+    contraction_order = resolve_contraction_order(contraction_order, spec)
 
     def model(batch, is_training):
         graph = jraph.GraphsTuple(
@@ -176,6 +176,13 @@ def resolve_compute_dtype(option):
     return models.validate_model_config({"compute_dtype": option})["compute_dtype"]
 
 
+def resolve_contraction_order(option: Optional[str], spec: dict) -> str:
+    """The ``--contraction-order`` option: ``"config"`` or None take the configuration's."""
+    if option in (None, "config"):
+        return spec.get("contraction_order", "couple_first")
+    return option
+
+
 def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None,
                         contraction_order=None):
     import jax
@@ -192,7 +199,6 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
             contraction_order: str = "config") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build_or_load(name, batches)
-    order = None if contraction_order == "config" else contraction_order
     record = {
         "settings": spec,
         "dtype": dtype,
@@ -203,7 +209,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "scan_layers": scan_layers,
         "tensor_product_backend": backend,
         "compute_dtype": resolve_compute_dtype(compute_dtype),
-        "contraction_order": order or spec.get("contraction_order", "couple_first"),
+        "contraction_order": resolve_contraction_order(contraction_order, spec),
     }
     bench = build_ours(arrays, spec, dtype, backend=backend,
                        row_tile=record["row_tile"], scan_layers=scan_layers,
@@ -259,8 +265,7 @@ def _serve(args) -> None:
                             row_tile=resolve_row_tile(args.row_tile),
                             scan_layers=args.scan_layers,
                             compute_dtype=resolve_compute_dtype(args.compute_dtype),
-                            contraction_order=(None if args.contraction_order == "config"
-                                               else args.contraction_order)))
+                            contraction_order=args.contraction_order))
 
 
 def _print_record(name: str, r: dict) -> None:

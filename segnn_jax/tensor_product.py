@@ -296,10 +296,11 @@ def split_chunks(x: e3nn.IrrepsArray) -> list:
             for piece, (mul, ir) in zip(pieces, x.irreps)]
 
 
-def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtype=None) -> list:
-    """For each segment: ``{ir: ([..., 2l+1, mul], (start, stop))}``: components-first chunks and
-    the rows of the path weights (input channels) they correspond to, in ``compute_dtype`` if set
-    (cast before the gather: fewer rows).
+def _segment_inputs(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtype=None) -> list:
+    """For each segment: ``(index or None, {ir: ([n.., 2l+1, mul], (start, stop))})``: its
+    components-first chunks, not yet gathered, with the rows of the path weights (input channels)
+    they correspond to, in ``compute_dtype`` if set (cast and transposed before any gather: fewer
+    rows).
 
     Segments are kept apart rather than concatenated: concatenating inputs that many paths read
     makes XLA's backward pass slow on CPU, while concatenating the coupled products does not.
@@ -312,13 +313,34 @@ def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtyp
         for (mul, ir), chunk in zip(array.irreps, split_chunks(array)):
             if mul == 0:
                 continue
-            chunk = jnp.swapaxes(chunk, -1, -2)  # transposed before the gather: fewer rows
+            chunk = jnp.swapaxes(chunk, -1, -2)
             if compute_dtype is not None:
                 chunk = chunk.astype(compute_dtype)
-            chunks[ir] = (chunk if index is None else chunk[index], (filled[ir], filled[ir] + mul))
+            chunks[ir] = (chunk, (filled[ir], filled[ir] + mul))
             filled[ir] += mul
-        segments.append(chunks)
+        segments.append((index, chunks))
     return segments
+
+
+def _segment_chunks(spec: TensorProductSpec, x1: Sequence[Segment], compute_dtype=None) -> list:
+    """:func:`_segment_inputs` with the gathers done: ``{ir: (chunk, (start, stop))}`` per
+    segment."""
+    return [{ir: (chunk if index is None else chunk[index], rows)
+             for ir, (chunk, rows) in chunks.items()}
+            for index, chunks in _segment_inputs(spec, x1, compute_dtype)]
+
+
+def _attribute_chunks(spec: TensorProductSpec, x2: e3nn.IrrepsArray, leading: Tuple[int, ...],
+                      dtype) -> list:
+    """``[..., mul2, 2l2+1]`` per irrep of ``x2``, broadcast to the product's leading axes.
+
+    Raises:
+        ValueError: ``x2`` does not have the spec's irreps.
+    """
+    x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()  # dense: no zero-flagged chunks
+    if x2.irreps != spec.irreps_in2:
+        raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects {spec.irreps_in2}")
+    return [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in x2.chunks]
 
 
 def tensor_product(
@@ -353,12 +375,7 @@ def tensor_product(
     dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype  # of the inputs and output
     first = next(chunk for seg in segments for chunk, _ in seg.values())
     leading = first.shape[:-2]
-    x2_chunks = None
-    if x2 is not None:
-        x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()  # dense: no zero-flagged chunks
-        if x2.irreps != spec.irreps_in2:
-            raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects {spec.irreps_in2}")
-        x2_chunks = [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in x2.chunks]
+    x2_chunks = None if x2 is None else _attribute_chunks(spec, x2, leading, dtype)
     outputs = []
     for i_out, (mul_out, ir_out) in enumerate(spec.irreps_out):
         coupled, blocks = [], []
@@ -411,28 +428,11 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     accumulate in float32; the coupling runs in float32.
     """
     dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype
-    filled = {ir: 0 for _, ir in spec.irreps_in1}
-    segments, leading = [], None  # per segment: (index, {ir: (chunk [n.., i, u], start, stop)})
-    for array, index in checked_segments(spec, x1):
-        array = e3nn.IrrepsArray(array.irreps, array.array).regroup()  # dense: no zero flags
-        rows_of = array.shape[:-1] if index is None else index.shape + array.shape[1:-1]
-        leading = rows_of if leading is None else leading
-        chunks = {}
-        for (mul, ir), chunk in zip(array.irreps, split_chunks(array)):
-            if mul == 0:
-                continue
-            chunk = jnp.swapaxes(chunk, -1, -2)
-            chunks[ir] = (chunk if compute_dtype is None else chunk.astype(compute_dtype),
-                          filled[ir], filled[ir] + mul)
-            filled[ir] += mul
-        segments.append((index, chunks))
-    y2 = None
-    if x2 is not None:
-        x2 = e3nn.IrrepsArray(x2.irreps, x2.array).simplify()
-        if x2.irreps != spec.irreps_in2:
-            raise ValueError(f"x2 has irreps {x2.irreps}, the tensor product expects "
-                             f"{spec.irreps_in2}")
-        y2 = [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in split_chunks(x2)]
+    segments = _segment_inputs(spec, x1, compute_dtype)
+    index, first = next((index, chunk) for index, chunks in segments
+                        for chunk, _ in chunks.values())  # [n.., 2l+1, mul]
+    leading = first.shape[:-2] if index is None else index.shape + first.shape[1:-2]
+    y2 = None if x2 is None else _attribute_chunks(spec, x2, leading, dtype)
     outputs = [None] * len(spec.irreps_out)
     for i1, (_, ir1) in enumerate(spec.irreps_in1):
         group = [(path, w) for path, w in zip(spec.paths, weights) if path.i1 == i1]
@@ -443,7 +443,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
         for index, chunks in segments:
             if ir1 not in chunks:
                 continue
-            x, start, stop = chunks[ir1]
+            x, (start, stop) = chunks[ir1]
             flat = x.reshape(-1, x.shape[-1])
             if compute_dtype is None:
                 y = flat @ columns[start:stop]
