@@ -82,6 +82,7 @@ __all__ = [
     "make_loss_fn",
     "make_model",
     "predict",
+    "predict_positions",
     "restore_params",
     "run_nbody",
     "train",
@@ -561,6 +562,31 @@ def _read_input(path: Path, dataset: str) -> Dict[str, np.ndarray]:
     return {"positions": positions, "velocities": velocities, scalar: values}
 
 
+def predict_positions(model: Any, data: nbody_data.NBodyData) -> np.ndarray:
+    """The positions ``[S, N, 3]`` a trained model predicts at the target frame of ``data``.
+
+    Args:
+        model: a :class:`segnn_jax.artifact.TrainedModel` of the N-body task, or anything
+            :func:`segnn_jax.artifact.load_trained` accepts (a run directory, an artifact file).
+        data: the systems at the input frame (``targets`` are not read).
+    """
+    from segnn_jax.artifact import load_trained
+
+    trained = load_trained(model, task="nbody")
+    cfg = trained.config
+    s, n = data.positions.shape[:2]
+    graphs = _graphs(cfg, data)
+    eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
+    loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size))
+    # The loader keeps the data order when not shuffling, so the real nodes of the batches,
+    # concatenated, are the input's nodes in order.
+    rows = []
+    for batch in loader.epoch_batches(0):
+        predicted = trained.apply(batch)
+        rows.append(predicted[np.asarray(node_mask(batch, predicted.shape[0]))])
+    return np.concatenate(rows).reshape(s, n, 3)
+
+
 def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
             output_path: Union[str, Path, None] = None) -> Path:
     """Predicts target-frame positions for new systems with the best checkpoint of a run.
@@ -594,16 +620,7 @@ def predict(run_dir: Union[str, Path], input_path: Union[str, Path],
         positions=arrays["positions"], velocities=arrays["velocities"],
         charges=arrays.get("charges"), masses=arrays.get("masses", np.ones((s, n), np.float32)),
         targets=np.zeros_like(arrays["positions"]), horizon=float("nan"), name=dataset)
-    graphs = _graphs(cfg, data)
-    eval_size = cfg["batch"]["eval_batch_size"] or cfg["batch"]["batch_size"]
-    loader = GraphLoader(graphs, eval_size, budget=batch_budget(cfg["batch"], graphs, eval_size))
-    # The loader keeps the data order when not shuffling, so the real nodes of the batches,
-    # concatenated, are the input's nodes in order.
-    rows = []
-    for batch in loader.epoch_batches(0):
-        predicted = trained.apply(batch)
-        rows.append(predicted[np.asarray(node_mask(batch, predicted.shape[0]))])
-    positions = np.concatenate(rows).reshape(s, n, 3)
+    positions = predict_positions(trained, data)
     output_path = Path(output_path) if output_path is not None else \
         input_path.with_name(input_path.stem + "_predicted.npz")
     np.savez(output_path, positions=positions)
