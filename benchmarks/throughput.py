@@ -84,7 +84,7 @@ def build_ours(
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     n_nodes = len(arrays["positions"])
-    contraction_order = resolve_contraction_order(contraction_order, spec)
+    contraction_order = resolve_contraction_order(contraction_order, spec, backend)
 
     def model(batch, is_training):
         graph = jraph.GraphsTuple(
@@ -176,10 +176,15 @@ def resolve_compute_dtype(option):
     return models.validate_model_config({"compute_dtype": option})["compute_dtype"]
 
 
-def resolve_contraction_order(option: Optional[str], spec: dict) -> str:
-    """The ``--contraction-order`` option: ``"config"`` or None take the configuration's."""
+def resolve_contraction_order(option: Optional[str], spec: dict, backend: str = "e3nn") -> str:
+    """The ``--contraction-order`` option: ``"config"`` or None take the configuration's.
+
+    The configurations' orders are choices for the e3nn-jax path; another backend runs its own
+    kernels, so there the configuration's order is couple-first (an explicit order is passed on).
+    """
     if option in (None, "config"):
-        return spec.get("contraction_order", "couple_first")
+        return spec.get("contraction_order", "couple_first") if backend == "e3nn" \
+            else "couple_first"
     return option
 
 
@@ -209,7 +214,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "scan_layers": scan_layers,
         "tensor_product_backend": backend,
         "compute_dtype": resolve_compute_dtype(compute_dtype),
-        "contraction_order": resolve_contraction_order(contraction_order, spec),
+        "contraction_order": resolve_contraction_order(contraction_order, spec, backend),
     }
     bench = build_ours(arrays, spec, dtype, backend=backend,
                        row_tile=record["row_tile"], scan_layers=scan_layers,

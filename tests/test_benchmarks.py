@@ -116,6 +116,16 @@ def test_train_step_rejects_unknown_loss():
         common.make_train_step(lambda p, s, b: (p, s), "huber")
 
 
+def test_contraction_order_is_the_configurations_on_the_e3nn_path_only():
+    spec = tiny_spec("nbody")
+    assert spec["contraction_order"] == "weights_first"
+    assert throughput.resolve_contraction_order("config", spec) == "weights_first"
+    # cuequivariance runs its own kernels: weights-first would be refused there.
+    assert throughput.resolve_contraction_order("config", spec, "cuequivariance") == "couple_first"
+    assert throughput.resolve_contraction_order(None, spec, "cuequivariance") == "couple_first"
+    assert throughput.resolve_contraction_order("couple_first", spec) == "couple_first"
+
+
 def test_our_nbody_bench_compiles_trains_and_times():
     arrays = inputs.nbody_batch(n_graphs=3)
     # No message-passing layer: the embedding and heads exercise the same benchmark code and
