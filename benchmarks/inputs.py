@@ -64,7 +64,7 @@ CONFIGS: dict[str, dict] = {
         "loss": "l1",
         "n_graphs": 128,
         "cutoff": 2.0,
-        "contraction_order": "couple_first",
+        "contraction_order": "weights_first",
     },
     "oc20": {
         "hidden": "188x0e+61x1o",

@@ -33,7 +33,7 @@ def featurize(graph, positions=None, velocities=None, lmax=1):
 
 
 def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1, row_tile=None,
-               compute_dtype=None, contraction_order="couple_first"):
+               compute_dtype=None, contraction_order="couple_first", scan_layers=False):
     """A transformed tiny network on raw graphs: ``apply(params, state, graph, pos, vel)``."""
     hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
     output = "1x1o" if task == "node" else "2x0e"
@@ -43,11 +43,12 @@ def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lm
         if network == "segnn":
             model = sj.SEGNN(hidden, output, layers, task=task, norm=norm, pool=pool,
                              row_tile=row_tile, compute_dtype=compute_dtype,
-                             contraction_order=contraction_order)
+                             contraction_order=contraction_order, scan_layers=scan_layers)
         else:
             model = sj.SEConv(hidden, output, layers, task=task, norm=norm, pool=pool,
                               nonlinear=network == "seconv_nonlinear", row_tile=row_tile,
-                              compute_dtype=compute_dtype, contraction_order=contraction_order)
+                              compute_dtype=compute_dtype, contraction_order=contraction_order,
+                              scan_layers=scan_layers)
         return model(inputs, is_training).array
 
     return hk.without_apply_rng(hk.transform_with_state(forward))
