@@ -14,8 +14,8 @@ The paper's full protocol, one run per target, for a GPU::
 
 Expected run time: 1000 epochs x 100,000 molecules = 1e8 training molecules in 781,250 steps of
 128, plus 1000 evaluations of the 30,831 validation and test molecules. Measured on the quiet
-2-core CPU (benchmarks/results/throughput_cpu.json): 72.8 GFLOP per training step (XLA cost
-analysis), 1.89 s per step (68 molecules/s), i.e. ~17 days per target there. No GPU was available
+2-core CPU (benchmarks/results/throughput_cpu.json): 62.8 GFLOP per training step (XLA cost
+analysis), 1.74 s per step (74 molecules/s), i.e. ~16 days per target there. No GPU was available
 to measure; for one H100/H200-class GPU the estimate is 3-12 hours per target (FLOP bound 1.6-5.3 h
 at 3-10 TFLOP/s sustained on these small contractions; latency bound 4-11 h at 20-50 ms per step;
 evaluations ~0.5-1 h). Measure on the device before launching twelve of them::
