@@ -20,9 +20,9 @@ from segnn_jax.tasks import models
 from segnn_jax.tasks.nbody import BATCH_DEFAULTS, DATA_DEFAULTS
 from segnn_jax.training import default_train_config
 
-# Measured on the shared 2-core CPU (another job running): about 6 s per epoch of 30 training
-# steps (~500 graphs/s), 2-3 s per evaluation of the 4000 validation and test systems every 5
-# epochs, ~30 s of compilation; 120 epochs take about 13-14 minutes there (less on an idle machine).
+# Measured on the shared 2-core CPU: 120 epochs of 30 training steps, with an evaluation of the
+# 4000 validation and test systems every 5 epochs, took 7.4 minutes with weights-first contractions
+# (benchmarks/results/nbody_charged_main_job.json) and 13-20 minutes under heavy load.
 EPOCHS = 120
 
 
