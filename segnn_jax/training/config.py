@@ -38,6 +38,10 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "keep_checkpoints": 2,
     "best_metric": "loss",
     "best_mode": "min",
+    # Decay of the weight average (None: no average). The decay at step t is
+    # min(ema_decay, (1 + t) / (10 + t)): the warm-up term is the smaller one for the first
+    # 9 / (1 - ema_decay) - 10 steps (8,990 for 0.999), so shorter runs average the same whatever
+    # the option (segnn_jax.training.step.make_train_step).
     "ema_decay": None,
     "eval_with_ema": True,
     "tensorboard": True,
