@@ -1,21 +1,17 @@
 """experiments/oc20/collect_emt.py: the OC20-EMT results file from finished run directories."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from experiment_scripts import load_experiment
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "oc20" / "collect_emt.py"
+pytest.importorskip("matplotlib")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("collect_emt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("oc20/collect_emt.py")
 
 
 def _fake_run(run_dir: Path, split: str, segnn_mae: float, baselines: dict) -> None:

@@ -1,21 +1,18 @@
 """experiments/oc20/leave_one_out.py: fold assignment, resumable runs and the choice by validation."""
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "oc20" / "leave_one_out.py"
+from experiment_scripts import load_experiment
+
 METALS = ["A", "B", "C"]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("leave_one_out", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("oc20/leave_one_out.py")
 
 
 def _fake_fold(run_dir: Path, test: str, valid: str, test_mae: float, valid_mae: float,

@@ -1,9 +1,7 @@
 """experiments/nbody/ensemble.py: member and ensemble MSE of trained N-body runs."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +9,11 @@ import pytest
 from segnn_jax import cli
 from segnn_jax.tasks import nbody
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "nbody" / "ensemble.py"
+from experiment_scripts import load_experiment
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("nbody_ensemble", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("nbody/ensemble.py")
 
 
 @pytest.fixture(scope="module")
