@@ -464,7 +464,10 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
                 term = _couple_columns(spec, path, y2[path.i2], part)
             previous = outputs[path.i_out]
             outputs[path.i_out] = term if previous is None else previous + term
-    chunks = [jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
+    # The dtype couple-first returns: the inputs' promoted with the weights' (half-precision
+    # features times float32 weights give float32, which a scanned layer's carry relies on).
+    dtype = jnp.result_type(dtype, *(w.dtype for w in weights))
+    chunks = [None if out is None else jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
     return e3nn.from_chunks(spec.irreps_out, chunks, leading, dtype)
 
 

@@ -262,6 +262,20 @@ def test_weights_first_in_mixed_precision_stays_close_to_float32(keys):
     assert 0 < _relative_max_error(low.array, exact.array) < 3e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_both_orders_promote_half_precision_features_with_float32_weights(keys, dtype):
+    """Half-precision features and attributes with float32 weights give float32 in either order
+    (a scanned layer body needs the same dtype from every tensor product)."""
+    spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
+        keys, "0e+1o", "4x0e+3x1o")
+    segments = [(nodes.astype(dtype), receivers), (nodes.astype(dtype), senders),
+                extra.astype(dtype)]
+    outs = [tp.tensor_product(spec, weights, segments, attr.astype(dtype), order=order)
+            for order in tp.ORDERS]
+    assert [out.dtype for out in outs] == [jnp.float32] * len(tp.ORDERS)
+    assert _relative_max_error(outs[1].array, outs[0].array) < 1e-2
+
+
 def test_unknown_contraction_order_is_refused(keys):
     spec = tp.make_spec("2x0e", None, "2x0e")
     x = e3nn.normal("2x0e", next(keys), (3,))
