@@ -420,9 +420,10 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     a gathered segment ``(array, index)`` is mixed on the nodes and the result gathered, so the
     multiply runs on nodes rather than edges. Each path's columns are then coupled with ``x2``
     through the nonzero Clebsch-Gordan coefficients and summed into its output irrep; the wide
-    concatenated coupled products of ``"couple_first"`` never exist. Pays where edges far
-    outnumber nodes or the orders are low (the N-body and OC20-like configurations), loses where
-    the coupling of many output channels dominates (QM9's l <= 3); see benchmarks/README.md.
+    concatenated coupled products of ``"couple_first"`` never exist. Pays most where edges far
+    outnumber nodes or the orders are low (the N-body and OC20-like configurations); where the
+    coupling of many output channels dominates (QM9's l <= 3) the forward is slower and only the
+    training step gains (with scanned layers); see benchmarks/README.md.
 
     With ``compute_dtype`` the multiplies read the features and weights in that dtype and
     accumulate in float32; the coupling runs in float32.
