@@ -343,6 +343,11 @@ def _attribute_chunks(spec: TensorProductSpec, x2: e3nn.IrrepsArray, leading: Tu
     return [jnp.broadcast_to(c, leading + c.shape[-2:]).astype(dtype) for c in x2.chunks]
 
 
+def _input_dtype(x1: Sequence[Segment]):
+    """The dtype of the first segment's features (gathered segments are ``(array, index)``)."""
+    return (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype
+
+
 def tensor_product(
     spec: TensorProductSpec,
     weights: Sequence[jnp.ndarray],
@@ -366,13 +371,14 @@ def tensor_product(
             faster or slower depending on the shapes.
 
     Returns:
-        ``[..., out.dim]`` with irreps ``spec.irreps_out``, in the dtype of ``x1``.
+        ``[..., out.dim]`` with irreps ``spec.irreps_out``, in the dtype of ``x1`` promoted with
+        the weights' (float32 weights make half-precision features give float32).
     """
     compute_dtype = check_compute_dtype(compute_dtype)
     if check_order(order) == "weights_first":
         return _weights_first(spec, weights, x1, x2, compute_dtype)
     segments = _segment_chunks(spec, x1, compute_dtype)
-    dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype  # of the inputs and output
+    dtype = _input_dtype(x1)
     first = next(chunk for seg in segments for chunk, _ in seg.values())
     leading = first.shape[:-2]
     x2_chunks = None if x2 is None else _attribute_chunks(spec, x2, leading, dtype)
@@ -428,7 +434,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     With ``compute_dtype`` the multiplies read the features and weights in that dtype and
     accumulate in float32; the coupling runs in float32.
     """
-    dtype = (x1[0][0] if isinstance(x1[0], tuple) else x1[0]).dtype
+    dtype = _input_dtype(x1)
     segments = _segment_inputs(spec, x1, compute_dtype)
     index, first = next((index, chunk) for index, chunks in segments
                         for chunk, _ in chunks.values())  # [n.., 2l+1, mul]
@@ -468,7 +474,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     # The dtype couple-first returns: the inputs' promoted with the weights' (half-precision
     # features times float32 weights give float32, which a scanned layer's carry relies on).
     dtype = jnp.result_type(dtype, *(w.dtype for w in weights))
-    chunks = [None if out is None else jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
+    chunks = [jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
     return e3nn.from_chunks(spec.irreps_out, chunks, leading, dtype)
 
 
