@@ -67,7 +67,8 @@ def build_ours(
         scan_layers: one scanned layer body over stacked parameters, see ``SEGNN``.
         backend: the tensor-product backend, ``"e3nn"`` or ``"cuequivariance"``, see ``SEGNN``.
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision, see ``SEGNN``.
-        contraction_order: ``"couple_first"`` or ``"weights_first"`` (see ``SEGNN``); None or
+        contraction_order: ``"couple_first"``, ``"weights_first"`` or ``"hybrid"`` (see
+            ``SEGNN``); None or
             ``"config"``: the configuration's (``spec["contraction_order"]``, the faster one
             measured here).
     """
@@ -330,7 +331,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--contraction-order", default="config",
-        choices=("config", "couple_first", "weights_first"),
+        choices=("config", "couple_first", "weights_first", "hybrid"),
         help="tensor-product contraction order: each configuration's (config, the default) or one "
              "for all",
     )

@@ -56,9 +56,10 @@ class O3TensorProduct(hk.Module):
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision, the product's
             contractions in this dtype with float32 accumulation and output (see
             :mod:`segnn_jax.tensor_product`); parameters, biases and ``epilogue`` stay float32.
-        contraction_order: ``"couple_first"`` (the default) or ``"weights_first"`` (weights
-            applied before the coupling, on the nodes for gathered inputs): the same function and
-            parameters, faster for some shapes (``order`` of
+        contraction_order: ``"couple_first"`` (the default), ``"weights_first"`` (weights
+            applied before the coupling, on the nodes for gathered inputs) or ``"hybrid"``
+            (weights first where differentiated, couple first where only evaluated): the same
+            function and parameters, faster for some shapes (``order`` of
             :func:`segnn_jax.tensor_product.tensor_product`); e3nn backend only.
 
     >>> import jax, jax.numpy as jnp

@@ -259,8 +259,9 @@ class SEGNN(_SteerableNetwork):
         compute_dtype: None, ``"bfloat16"`` or ``"float16"``: mixed precision in every tensor
             product (contractions in this dtype, float32 accumulation and outputs); parameters,
             gates, sums over messages, norms and pooling stay float32.
-        contraction_order: ``"couple_first"`` or ``"weights_first"`` in every tensor product
-            (see :class:`segnn_jax.layers.O3TensorProduct`): the same function and parameters.
+        contraction_order: ``"couple_first"``, ``"weights_first"`` or ``"hybrid"`` in every
+            tensor product (see :class:`segnn_jax.layers.O3TensorProduct`): the same function and
+            parameters.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs

@@ -248,8 +248,9 @@ def test_contraction_orders_are_the_same_network(keys, network, task, norm, laye
                                 contraction_order=order, scan_layers=scan)
               for order in ORDERS}
     params, state = models["couple_first"].init(next(keys), batch, pos, vel)
-    params_wf, _ = models["weights_first"].init(next(keys), batch, pos, vel)
-    assert jax.tree_util.tree_structure(params_wf) == jax.tree_util.tree_structure(params)
+    for order in ("weights_first", "hybrid"):
+        other, _ = models[order].init(next(keys), batch, pos, vel)
+        assert jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(params)
 
     def loss(params, order):
         out = models[order].apply(params, state, batch, pos, vel)[0]
@@ -257,12 +258,14 @@ def test_contraction_orders_are_the_same_network(keys, network, task, norm, laye
 
     results = {order: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, order)
                for order in models}
-    (grads_cf, out_cf), (grads_wf, out_wf) = results["couple_first"], results["weights_first"]
-    np.testing.assert_allclose(out_wf, out_cf, rtol=1e-5, atol=1e-6)
+    grads_cf, out_cf = results["couple_first"]
     leaves_cf = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads_cf)]
     scale = max(float(np.max(np.abs(g))) for g in leaves_cf)
-    for couple_first, weights_first in zip(leaves_cf, jax.tree_util.tree_leaves(grads_wf)):
-        assert float(np.max(np.abs(np.asarray(weights_first) - couple_first))) <= 1e-5 * scale
+    for order in ("weights_first", "hybrid"):
+        grads, out = results[order]
+        np.testing.assert_allclose(out, out_cf, rtol=1e-5, atol=1e-6)
+        for couple_first, other in zip(leaves_cf, jax.tree_util.tree_leaves(grads)):
+            assert float(np.max(np.abs(np.asarray(other) - couple_first))) <= 1e-5 * scale, order
 
 
 def test_bad_contraction_order_is_refused():
@@ -273,7 +276,8 @@ def test_bad_contraction_order_is_refused():
         hk.transform(lambda: sj.O3TensorProduct("2x0e", contraction_order="weights_first",
                                                 backend="cuequivariance")).apply({}, None)
     for bad in ({"contraction_order": "fast"},
-                {"contraction_order": "weights_first", "backend": "cuequivariance"}):
+                {"contraction_order": "weights_first", "backend": "cuequivariance"},
+                {"contraction_order": "hybrid", "backend": "cuequivariance"}):
         with pytest.raises(ConfigError, match=r"config\.model\.contraction_order"):
             model_configs.validate_model_config(bad)
     config = model_configs.validate_model_config({"contraction_order": "weights_first"})

@@ -54,11 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch = dict(BATCH_DEFAULTS, batch_size=128)
     # 128 features, lmax 2/3, 7 layers, instance norm, avg. One scanned layer body: the training
     # step compiles in 11-16 s instead of 37-44 s on the 2-core CPU (same function; checkpoints
-    # hold stacked layer parameters, see segnn_jax.stack_layer_params). Weights before coupling
-    # (the same function): with scanned layers the training step is 1.21x faster than coupling
-    # first (1.90 s vs 2.30 s, interleaved on the 2-core CPU; unrolled layers 1.95 s vs 2.06 s),
-    # while a forward alone is 1.33x slower (benchmarks/README.md). Training dominates a run.
-    config.model = dict(MODEL_DEFAULTS, scan_layers=True, contraction_order="weights_first")
+    # hold stacked layer parameters, see segnn_jax.stack_layer_params). "hybrid" contractions
+    # (the same function): weights before coupling where differentiated, a 1.22x faster training
+    # step than coupling first with scanned layers (1.45 s vs 1.81 s, interleaved on the 2-core
+    # CPU), and coupling first where only evaluated, a 1.41x faster forward than weights first
+    # (357 ms vs 504 ms) for evaluation and prediction (benchmarks/README.md).
+    config.model = dict(MODEL_DEFAULTS, scan_layers=True, contraction_order="hybrid")
     train = default_train_config()
     train.update(num_epochs=1000, eval_every=1, log_every=50, seed=0)
     train["optimizer"].update(optimizer="adam", learning_rate=5e-4, weight_decay=1e-8,

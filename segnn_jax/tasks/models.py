@@ -32,12 +32,15 @@ The section (see :func:`default_model_config`)::
                      relative equivariance error of about 1e-2 (float16: 1e-3); on the 2-core CPU
                      its training step took 0.86x the float32 time on N-body, 1.36x on QM9
                      (benchmarks/results/mixed_precision_cpu.json); not yet timed on a GPU.
-    contraction_order "couple_first" (the default) | "weights_first": the order in which every
-                     tensor product applies its Clebsch-Gordan coupling and its weights (see
-                     segnn_jax.tensor_product.tensor_product); the same function and parameters.
-                     Weights first mixes node features on the nodes before gathering them to the
-                     edges: a faster training step in every shipped config (N-body 1.2x, OC20
-                     1.6-2.0x, QM9 with scanned layers 1.2x), a slower forward on QM9 (1.33x)
+    contraction_order "couple_first" (the default) | "weights_first" | "hybrid": the order in
+                     which every tensor product applies its Clebsch-Gordan coupling and its
+                     weights (see segnn_jax.tensor_product.tensor_product); the same function and
+                     parameters. Weights first mixes node features on the nodes before gathering
+                     them to the edges: a faster training step in every shipped config (N-body
+                     1.2x, OC20 1.7x, QM9 with scanned layers 1.2x), a slower forward on QM9
+                     (1.4x). "hybrid" runs weights first where the product is differentiated
+                     (training) and couple first where it is only evaluated (evaluation,
+                     prediction): QM9's config; no forward-mode autodiff (jax.jvp) through it
                      (backend "e3nn" only; benchmarks/README.md)
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
