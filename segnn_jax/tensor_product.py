@@ -464,12 +464,13 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
             y = y.reshape(x.shape[:-1] + (columns.shape[1],))
             y = y if index is None else y[index]
             mixed = y if mixed is None else mixed + y
-        offset = 0
-        for path, w in group:
+        # One split, not slices: the transpose of a split is one concatenate, that of each slice
+        # a pad to the full width and a sum of them all (the same holds in _couple_columns).
+        widths = [w.shape[1] * w.shape[2] for _, w in group]
+        parts = jnp.split(mixed, np.cumsum(widths)[:-1], axis=-1) if len(group) > 1 else [mixed]
+        for (path, w), part in zip(group, parts):
             mul2, mul_out = w.shape[1], w.shape[2]
-            part = mixed[..., offset:offset + mul2 * mul_out]
             part = part.reshape(part.shape[:-1] + (mul2, mul_out))  # [..., i, v, w]
-            offset += mul2 * mul_out
             if y2 is None:  # x2 = 1x0e: the coupling is the identity
                 term = part[..., 0, :]
             else:
@@ -562,6 +563,8 @@ def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: j
     ir2 = spec.irreps_in2[path.i2].ir
     ir_out = spec.irreps_out[path.i_out].ir
     cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
+    components = [jnp.squeeze(c, axis=-3) for c in jnp.split(part, ir1.dim, axis=-3)] \
+        if ir1.dim > 1 else [part[..., 0, :, :]]  # [..., v, w] per component i of ir1
     rows = []
     for k in range(ir_out.dim):
         total = None
@@ -571,9 +574,9 @@ def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: j
                 continue
             coefficient = sum(c * y[..., :, j] for j, c in nonzero)  # [..., v]
             if part.shape[-2] == 1:  # one attribute channel (spherical harmonics): no reduction
-                term = coefficient[..., 0, None] * part[..., i, 0, :]
+                term = coefficient[..., 0, None] * components[i][..., 0, :]
             else:
-                term = jnp.sum(coefficient[..., :, None] * part[..., i, :, :], axis=-2)
+                term = jnp.sum(coefficient[..., :, None] * components[i], axis=-2)
             total = term if total is None else total + term
         rows.append(total if total is not None else jnp.zeros(part.shape[:-3] + part.shape[-1:],
                                                                  part.dtype))
