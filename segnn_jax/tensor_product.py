@@ -498,12 +498,13 @@ def _hybrid(spec: TensorProductSpec, weights: Sequence[jnp.ndarray], x1: Sequenc
             x2: Optional[e3nn.IrrepsArray], compute_dtype: Optional[str]) -> e3nn.IrrepsArray:
     """:func:`tensor_product` couple-first when evaluated, weights-first when differentiated.
 
-    On the shipped configurations couple-first has the faster forward (QM9: 1.33x) and
-    weights-first the faster training step (N-body 1.2x, QM9 1.2x): a ``jax.custom_vjp`` whose
-    primal is couple-first and whose forward rule is weights-first (its own VJP) gives each its
-    faster order, since JAX runs the primal only where nothing differentiates it (inference,
-    evaluation) and the forward rule inside ``grad``/``vjp``. Both orders compute the same function
-    (to float rounding), so the value does not depend on which one ran.
+    On QM9's shapes couple-first has the faster forward (1.4x) and weights-first the faster
+    training step (1.2x; on N-body and OC20 weights-first is faster in both). A
+    ``jax.custom_vjp`` whose primal is couple-first and whose forward rule is weights-first (its
+    own VJP) gives each its faster order, since JAX runs the primal only where nothing
+    differentiates it (inference, evaluation) and the forward rule inside ``grad``/``vjp``. Both
+    orders compute the same function (to float rounding), so the value does not depend on which
+    one ran.
 
     Reverse mode of any order works (forces by ``grad``, then a loss on them); forward mode
     (``jax.jvp``, ``jax.jacfwd`` of the product itself) is refused by JAX for a ``custom_vjp``:

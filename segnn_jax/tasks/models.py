@@ -37,7 +37,7 @@ The section (see :func:`default_model_config`)::
                      weights (see segnn_jax.tensor_product.tensor_product); the same function and
                      parameters. Weights first mixes node features on the nodes before gathering
                      them to the edges: a faster training step in every shipped config (N-body
-                     1.2x, OC20 1.7x, QM9 with scanned layers 1.2x), a slower forward on QM9
+                     1.2x, OC20 1.6-2.0x, QM9 with scanned layers 1.2x), a slower forward on QM9
                      (1.4x). "hybrid" runs weights first where the product is differentiated
                      (training) and couple first where it is only evaluated (evaluation,
                      prediction): QM9's config; no forward-mode autodiff (jax.jvp) through it
