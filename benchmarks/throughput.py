@@ -186,7 +186,10 @@ def resolve_contraction_order(option: Optional[str], spec: dict, backend: str = 
     if option in (None, "config"):
         return spec.get("contraction_order", "couple_first") if backend == "e3nn" \
             else "couple_first"
-    return option
+    from segnn_jax.tasks import models
+
+    return models.validate_model_config(
+        {"contraction_order": option, "backend": backend})["contraction_order"]
 
 
 def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None,
@@ -331,9 +334,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--contraction-order", default="config",
-        choices=("config", "couple_first", "weights_first", "hybrid"),
         help="tensor-product contraction order: each configuration's (config, the default) or one "
-             "for all",
+             "for all (a value of the model option contraction_order, e.g. hybrid)",
     )
     parser.add_argument(
         "--batches", type=Path, default=None,
@@ -359,6 +361,7 @@ def main(argv=None) -> dict:
     from segnn_jax.tensor_product_cue import check_backend
 
     check_backend(args.backend)  # a typo fails here, not in every configuration
+    resolve_contraction_order(args.contraction_order, {}, args.backend)  # likewise
     if args.child:
         _child(args)
         return {}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common, inputs, throughput
+from segnn_jax.training.config import ConfigError
 
 
 def tiny_spec(name, **overrides):
@@ -124,6 +125,9 @@ def test_contraction_order_is_the_configurations_on_the_e3nn_path_only():
     assert throughput.resolve_contraction_order("config", spec, "cuequivariance") == "couple_first"
     assert throughput.resolve_contraction_order(None, spec, "cuequivariance") == "couple_first"
     assert throughput.resolve_contraction_order("couple_first", spec) == "couple_first"
+    assert throughput.resolve_contraction_order("hybrid", spec) == "hybrid"
+    with pytest.raises(ConfigError, match="contraction_order"):
+        throughput.resolve_contraction_order("fastest", spec)
 
 
 def test_our_nbody_bench_compiles_trains_and_times():
