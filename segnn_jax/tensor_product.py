@@ -472,7 +472,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
             mul2, mul_out = w.shape[1], w.shape[2]
             part = part.reshape(part.shape[:-1] + (mul2, mul_out))  # [..., i, v, w]
             if y2 is None:  # x2 = 1x0e: the coupling is the identity
-                term = part[..., 0, :]
+                term = jnp.swapaxes(part[..., 0, :], -1, -2)  # [..., w, i]
             else:
                 term = _couple_columns(spec, path, y2[path.i2], part)
             previous = outputs[path.i_out]
@@ -480,7 +480,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     # The dtype couple-first returns: the inputs' promoted with the weights' (half-precision
     # features times float32 weights give float32, which a scanned layer's carry relies on).
     dtype = jnp.result_type(dtype, *(w.dtype for w in weights))
-    chunks = [jnp.swapaxes(out, -1, -2).astype(dtype) for out in outputs]
+    chunks = [out.astype(dtype) for out in outputs]
     return e3nn.from_chunks(spec.irreps_out, chunks, leading, dtype)
 
 
@@ -558,7 +558,7 @@ _hybrid_product.defvjp(_hybrid_product_fwd, _hybrid_product_bwd)
 
 def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: jnp.ndarray
                     ) -> jnp.ndarray:
-    """``out[..., k, w] = sum over v, i, j of cg[i, j, k] y[..., v, j] part[..., i, v, w]``,
+    """``out[..., w, k] = sum over v, i, j of cg[i, j, k] y[..., v, j] part[..., i, v, w]``,
     unrolled over the nonzero coefficients (most of a Clebsch-Gordan block is zero)."""
     ir1 = spec.irreps_in1[path.i1].ir
     ir2 = spec.irreps_in2[path.i2].ir
@@ -581,7 +581,9 @@ def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: j
             total = term if total is None else total + term
         rows.append(total if total is not None else jnp.zeros(part.shape[:-3] + part.shape[-1:],
                                                                  part.dtype))
-    return jnp.stack(rows, axis=-2)  # [..., 2l+1, w]
+    # Components last, the layout of IrrepsArray chunks: written so by the fusion that computes
+    # them, where a separate transpose of the stacked rows would read and write them once more.
+    return jnp.stack(rows, axis=-1)  # [..., w, 2l+1]
 
 
 def _row_count(x1: Sequence[Segment], x2: Optional[e3nn.IrrepsArray]) -> Optional[int]:
