@@ -42,6 +42,25 @@ def write_result(path, result: dict) -> None:
     print(f"wrote {path}")
 
 
+def retain_freed_host_memory() -> str:
+    """Applies this project's host-memory policy (``segnn_jax/host_memory.py``) to this process.
+
+    The module is loaded from its file, not imported as ``segnn_jax.host_memory``: in the peer
+    worker's environment ``segnn_jax`` is the earlier port. Both sides of a comparison run under
+    the same policy (``SEGNN_RETURN_FREED_MEMORY=1`` in the environment turns it off for both).
+
+    Returns:
+        ``"retained"`` (freed memory kept for reuse) or ``"returned"`` (glibc's default).
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "segnn_jax" / "host_memory.py"
+    spec = importlib.util.spec_from_file_location("_segnn_host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return "retained" if module.retain_freed_memory() else "returned"
+
+
 def versions() -> dict[str, str | None]:
     """Installed versions of the libraries that matter for speed (None when not installed)."""
     found = {"python": platform.python_version()}

@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: peer_worker.py BATCH.npz")
+    common.retain_freed_host_memory()  # the policy ours runs under (peers.py records it)
     arrays, spec = inputs.load(Path(argv[0]))
     common.serve(build_peer(arrays, spec))
 

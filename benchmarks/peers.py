@@ -313,8 +313,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     peer_python = ensure_venv(args.venv)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # Both workers apply the same policy from the same environment as this process.
+    settings["host_memory"] = common.retain_freed_host_memory()
     result = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings,
         "versions_ours_driver": common.versions(),
         "cpu": common.cpu_info(),
         "peer": {"package": PEER_PACKAGE, "stack": list(PEER_STACK), "installed_with": "--no-deps"},

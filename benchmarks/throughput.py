@@ -358,6 +358,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--matmul", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    host_memory = common.retain_freed_host_memory()  # before the first JAX computation
     from segnn_jax.tensor_product_cue import check_backend
 
     check_backend(args.backend)  # a typo fails here, not in every configuration
@@ -386,6 +387,7 @@ def main(argv=None) -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "subprocess_per_config": not args.in_process,
+        "host_memory": host_memory,
     }
     result = {"settings": settings, "versions": common.versions(), "cpu": common.cpu_info()}
     print("settings:", json.dumps(settings))

@@ -26,6 +26,7 @@ from segnn_jax.graph import (
     unpad_graph,
     validate_positions,
 )
+from segnn_jax.host_memory import retain_freed_memory
 from segnn_jax.irreps import balanced_irreps, count_tensor_product_weights, weight_balanced_irreps
 from segnn_jax.layers import O3TensorProduct, O3TensorProductGate, gate, gate_irreps
 from segnn_jax.norm import BatchNorm, InstanceNorm
@@ -75,6 +76,7 @@ __all__ = [
     "pair_products",
     "pool_nodes",
     "radius_graph_edges",
+    "retain_freed_memory",
     "safe_norm",
     "stack_layer_params",
     "unbatch_graphs",

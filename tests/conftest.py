@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
-import jax
-import pytest
+from segnn_jax.host_memory import retain_freed_memory
+
+retain_freed_memory()  # as the segnn command does: training steps reuse their scratch memory
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
