@@ -219,7 +219,7 @@ def test_row_tiles_are_the_same_function(keys):
     # lmax 1: tiling cuts rows, whatever the irreps; l = 2 only made the test slower to compile.
     models = {tile: make_model("segnn", "graph", "instance", layers=1, lmax=1, row_tile=tile)
               for tile in (None, 8)}
-    params, state = jax.jit(models[None].init)(next(keys), batch, pos, vel)
+    params, state = models[None].init(next(keys), batch, pos, vel)
 
     def loss(params, tile):
         out = models[tile].apply(params, state, batch, pos, vel)[0]
