@@ -102,11 +102,13 @@ class O3TensorProduct(hk.Module):
         spec = tp.make_spec([_segment_irreps(s) for s in segments],
                             None if x2 is None else x2.irreps, self.irreps_out)
         dtype = _segment_dtype(segments[0])
-        bounds = tp.init_bound(spec, self.weight_init)
+        # At initialisation every path takes its slice of one draw (see tp.init_weights).
+        drawn = (tp.init_weights(hk.next_rng_key(), spec, self.weight_init, dtype)
+                 if hk.running_init() else None)
         weights = [
             hk.get_parameter(spec.path_name(n), shape, dtype,
-                             hk.initializers.RandomUniform(-bound, bound))
-            for n, (shape, bound) in enumerate(zip(spec.weight_shapes, bounds))
+                             lambda shape, dtype, n=n: drawn[n].astype(dtype))
+            for n, shape in enumerate(spec.weight_shapes)
         ]
         n_scalars = sum(mul for mul, ir in spec.irreps_out if ir == e3nn.Irrep("0e"))
         bias = None
