@@ -78,7 +78,7 @@ def build_ours(
     import jax.numpy as jnp
     import jraph
 
-    from segnn_jax import SEGNN, SteerableGraphsTuple, attributes
+    from segnn_jax import SEGNN, SteerableGraphsTuple, attributes, transform_with_jitted_init
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -139,9 +139,9 @@ def build_ours(
         )
         return network(st_graph, is_training).array
 
-    transformed = hk.transform_with_state(model)
+    transformed = transform_with_jitted_init(model)
     batch = cast_batch(arrays, dtype)
-    params, state = transformed.init(jax.random.PRNGKey(seed), batch, True)
+    params, state = transformed.init(jax.random.PRNGKey(seed), batch, is_training=True)
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.dtype(dtype)), params)
 
     def apply(params, state, batch):

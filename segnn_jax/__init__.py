@@ -37,6 +37,7 @@ from segnn_jax.segnn import (
     SEGNNLayer,
     pool_nodes,
     stack_layer_params,
+    transform_with_jitted_init,
     unstack_layer_params,
 )
 
@@ -79,6 +80,7 @@ __all__ = [
     "retain_freed_memory",
     "safe_norm",
     "stack_layer_params",
+    "transform_with_jitted_init",
     "unbatch_graphs",
     "unpad_graph",
     "unstack_layer_params",

@@ -53,6 +53,7 @@ from segnn_jax.attributes import SteerableGraphsTuple, edge_attributes, edge_vec
 from segnn_jax.graph import edge_mask as graph_edge_mask
 from segnn_jax.graph import make_graph, node_graph_index, node_mask
 from segnn_jax.periodic import periodic_radius_graph
+from segnn_jax.segnn import transform_with_jitted_init
 
 __all__ = [
     "HEADS",
@@ -191,7 +192,8 @@ def make_potential(spec: PotentialSpec) -> hk.TransformedWithState:
     * ``atom_vectors``: ``[N, 3]`` the direct force head's output (eV/A), or None for the
       conservative head.
 
-    Use :func:`predict` for energies, forces and stress.
+    Use :func:`predict` for energies, forces and stress. Its ``init`` is compiled
+    (:func:`segnn_jax.transform_with_jitted_init`).
     """
     # Imported here: tasks.models imports training (config checks), which the library's core
     # modules do not need.
@@ -238,7 +240,7 @@ def make_potential(spec: PotentialSpec) -> hk.TransformedWithState:
             atom_vectors = jnp.where(real[:, None], spec.energy_scale * out[:, 1:4], 0.0)
         return atom_energies, atom_vectors
 
-    return hk.transform_with_state(forward)
+    return transform_with_jitted_init(forward)
 
 
 def _deformed_vectors(graph: jraph.GraphsTuple, positions: jnp.ndarray,

@@ -11,10 +11,9 @@ Shape letters: N nodes, E edges, G graphs.
 
 from __future__ import annotations
 
-from typing import Optional
-
+import inspect
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import e3nn_jax as e3nn
 import haiku as hk
@@ -32,7 +31,7 @@ from segnn_jax.tensor_product import check_compute_dtype, check_order
 from segnn_jax.tensor_product_cue import check_backend
 
 __all__ = ["SEConv", "SEConvLayer", "SEGNN", "SEGNNLayer", "pool_nodes", "stack_layer_params",
-           "unstack_layer_params"]
+           "transform_with_jitted_init", "unstack_layer_params"]
 
 NORMS = (None, "none", "instance", "batch")
 POOLS = ("avg", "sum")
@@ -333,6 +332,21 @@ class SEConv(_SteerableNetwork):
 
 
 _UNROLLED = re.compile(r"^(?P<net>.*)/layer_(?P<index>\d+)(?P<rest>(/.*)?)$")
+def transform_with_jitted_init(forward, static_argnames=("is_training",)
+                               ) -> hk.TransformedWithState:
+    """``hk.transform_with_state(forward)`` whose ``init`` is compiled with ``jax.jit``.
+
+    Haiku's ``init`` runs the forward pass to create the parameters. Run op by op, that compiles
+    each of a SEGNN's hundreds of operations separately: 25 s for three layers of tiny irreps on
+    a CPU, against 3 s as one program. Those of ``static_argnames`` (flags that steer Python
+    control flow) that ``forward`` takes are static; the parameters are the same either way.
+    """
+    transformed = hk.transform_with_state(forward)
+    taken = inspect.signature(forward).parameters
+    static = tuple(name for name in static_argnames if name in taken)
+    return transformed._replace(init=jax.jit(transformed.init, static_argnames=static))
+
+
 _STACKED = re.compile(r"^(?P<net>.*)/layers/layer(?P<rest>(/.*)?)$")
 
 

@@ -51,9 +51,7 @@ def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lm
                               scan_layers=scan_layers)
         return model(inputs, is_training).array
 
-    transformed = hk.without_apply_rng(hk.transform_with_state(forward))
-    # A jitted init: run op by op, initialising even a tiny network took tens of seconds.
-    return transformed._replace(init=jax.jit(transformed.init, static_argnames="is_training"))
+    return hk.without_apply_rng(sj.transform_with_jitted_init(forward))
 
 
 def random_graph(rng, n_nodes, kind="full", cutoff=1.5):

@@ -50,8 +50,7 @@ def tiny_apply():
         return pad_graph(batch_graphs([graph]), 32, 2048, 2)
 
     params, state = model.init(jax.random.PRNGKey(0), padded(_slab_system()))
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
-                          params)  # non-trivial weights
+    params = _perturbed(params)  # non-trivial weights
     apply = jax.jit(lambda g: model.apply(params, state, None, g, False)[0][0])
     return lambda system: float(apply(padded(system)))
 
@@ -67,8 +66,7 @@ def test_adsorbate_readout_sums_per_atom_energies_of_the_adsorbate(tmp_path):
         return pad_graph(batch_graphs([oc20.system_graph(s, 4.0) for s in systems]), 64, 4096, 3)
 
     params, state = model.init(jax.random.PRNGKey(0), batch(system))
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
-                          params)
+    params = _perturbed(params)
     apply = jax.jit(lambda g: model.apply(params, state, None, g, False)[0])
     alone, together = apply(batch(system)), apply(batch(other, system))
     assert alone[0] != 0.0 and alone[1] == 0.0  # the padding graph gets exactly 0
@@ -85,6 +83,12 @@ def test_adsorbate_readout_sums_per_atom_energies_of_the_adsorbate(tmp_path):
     config.readout = {"atoms": "slab"}
     with pytest.raises(ConfigError, match=r"config\.readout\.atoms: expected one of"):
         oc20.make_model(config)
+
+
+@jax.jit
+def _perturbed(params):
+    return jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
 
 
 def _random_rotation(seed):

@@ -197,7 +197,7 @@ def test_scanned_layers_equal_unrolled_layers(keys, network, norm):
                 return sj.SEGNN("4x0e+2x1o", "2x0e", 3, **kwargs)(inputs, True).array
             return sj.SEConv("4x0e+2x1o", "2x0e", 3, nonlinear=True, **kwargs)(inputs, True).array
 
-        outputs[scan] = hk.without_apply_rng(hk.transform_with_state(forward))
+        outputs[scan] = hk.without_apply_rng(sj.transform_with_jitted_init(forward))
     params, state = outputs[False].init(next(keys), batch, pos, vel)
     unrolled, _ = jax.jit(outputs[False].apply)(params, state, batch, pos, vel)
     stacked_params = sj.stack_layer_params(params, 3)

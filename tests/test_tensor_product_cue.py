@@ -84,7 +84,7 @@ def test_gated_layer_matches_e3nn_with_the_same_parameters(cue, keys):
     layers = {backend: hk.without_apply_rng(hk.transform(
         lambda x, a, backend=backend: O3TensorProductGate(FEATURES, backend=backend)(x, a)))
         for backend in tpc.BACKENDS}
-    params = {b: f.init(next(keys), x, a) for b, f in layers.items()}
+    params = {b: jax.jit(f.init)(next(keys), x, a) for b, f in layers.items()}
     # One parameter tree: checkpoints load into either backend.
     assert (jax.tree_util.tree_structure(params["e3nn"])
             == jax.tree_util.tree_structure(params["cuequivariance"]))
@@ -116,7 +116,7 @@ def test_two_layer_segnn_matches_e3nn(cue, keys):
 
     model = hk.without_apply_rng(hk.transform(forward))
     positions = graph.nodes["positions"]
-    params = model.init(next(keys), graph, positions, "e3nn")
+    params = jax.jit(model.init, static_argnums=3)(next(keys), graph, positions, "e3nn")
 
     @functools.partial(jax.jit, static_argnums=2)
     def outputs_and_grads(params, positions, backend):

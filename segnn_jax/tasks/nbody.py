@@ -62,6 +62,7 @@ from segnn_jax.attributes import (
 from segnn_jax.batching import GraphLoader
 from segnn_jax.datasets import nbody as nbody_data
 from segnn_jax.graph import edge_mask, node_graph_index, node_mask
+from segnn_jax.segnn import transform_with_jitted_init
 from segnn_jax.tasks import TaskInputError, models
 from segnn_jax.tasks.common import batch_budget, positive_int, task_sections
 from segnn_jax.training.config import ConfigError
@@ -300,6 +301,8 @@ def horizon(config: Any) -> float:
 def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [N, 3]`` predicted positions, transformed by Haiku.
 
+    Its ``init`` is compiled (:func:`segnn_jax.transform_with_jitted_init`).
+
     The network's ``1x1o`` output is added to the input position, or with
     ``config.data.predict_from="constant_velocity"`` to ``position + horizon * velocity``; with
     ``config.data.velocity_frame="centre_of_mass"`` and the input position as origin, the drift
@@ -328,7 +331,7 @@ def make_model(config: Any) -> hk.TransformedWithState:
             origin = origin + drift * velocity
         return origin + displacement.array
 
-    return hk.transform_with_state(forward)
+    return transform_with_jitted_init(forward)
 
 
 def make_loss_fn(model: hk.TransformedWithState):

@@ -95,6 +95,7 @@ from segnn_jax.attributes import (
 from segnn_jax.batching import GraphLoader
 from segnn_jax.graph import edge_mask, graph_mask, make_graph, node_graph_index, node_mask
 from segnn_jax.periodic import periodic_radius_graph
+from segnn_jax.segnn import transform_with_jitted_init
 from segnn_jax.tasks import TaskInputError, models
 from segnn_jax.tasks.common import batch_budget, check_budget_options, positive_int, task_sections
 from segnn_jax.training.config import ConfigError
@@ -462,6 +463,8 @@ def element_descriptors() -> np.ndarray:
 def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [G]`` standardised energies, transformed by Haiku.
 
+    Its ``init`` is compiled (:func:`segnn_jax.transform_with_jitted_init`).
+
     The graph's nodes carry "atomic_numbers" ``[N]`` int32, embedded by ``hk.Embed`` (name
     ``z_embedding``) into ``config.embedding.dim`` scalars; with ``embedding.element_features``
     the lookup starts at zero and a linear map of :func:`element_descriptors` (name
@@ -497,7 +500,7 @@ def make_model(config: Any) -> hk.TransformedWithState:
         return jax.ops.segment_sum(jnp.where(adsorbate, out, 0.0), node_graph_index(graph),
                                    num_segments=graph.n_node.shape[0])
 
-    return hk.transform_with_state(forward)
+    return transform_with_jitted_init(forward)
 
 
 def energy_error_sums(error_ev: jnp.ndarray, mask: jnp.ndarray,

@@ -55,6 +55,7 @@ from segnn_jax.attributes import (
 from segnn_jax.batching import GraphLoader
 from segnn_jax.datasets import qm9 as qm9_data
 from segnn_jax.graph import edge_mask, graph_mask
+from segnn_jax.segnn import transform_with_jitted_init
 from segnn_jax.tasks import TaskInputError, models
 from segnn_jax.tasks.common import (batch_budget, check_budget_options, positive_int,
                                     task_sections)
@@ -222,6 +223,8 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int) -> SteerableGraphsTup
 def make_model(config: Any) -> hk.TransformedWithState:
     """``forward(graph, is_training=False) -> [G]`` standardised predictions, transformed by Haiku.
 
+    Its ``init`` is compiled (:func:`segnn_jax.transform_with_jitted_init`).
+
     Args:
         config: a whole QM9 config (validated here).
     """
@@ -233,7 +236,7 @@ def make_model(config: Any) -> hk.TransformedWithState:
         st_graph = featurize(graph, lmax_attr=lmax_attr)
         return factory()(st_graph, is_training).array[:, 0]  # [G]
 
-    return hk.transform_with_state(forward)
+    return transform_with_jitted_init(forward)
 
 
 def make_loss_fn(model: hk.TransformedWithState, mad: float):

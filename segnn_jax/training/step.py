@@ -90,7 +90,9 @@ def init_train_state(init_fn: Callable, optimizer: optax.GradientTransformation,
         A fresh :class:`TrainState` with ``step == 0``.
     """
     init_rng, train_rng = jax.random.split(rng)
-    params, model_state = init_fn(init_rng, example_batch)
+    # Compiled as one program: run op by op, initialising even a tiny SEGNN compiles each of its
+    # hundreds of operations separately (25 s for three layers of tiny irreps on a CPU).
+    params, model_state = jax.jit(init_fn)(init_rng, example_batch)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
