@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +206,33 @@ def test_profile_ops_sums_operations_per_step_and_skips_runtime_events(tmp_path)
         json.dump({"traceEvents": events}, f)
     kinds = profile_ops.operation_times(path, steps=2)
     assert kinds == {"dot": {"ms": 2.0, "count": 1.0}, "concatenate": {"ms": 1.0, "count": 0.5}}
+
+
+def test_revisions_checks_out_a_commit_beside_the_working_tree(tmp_path):
+    from benchmarks import revisions
+
+    try:
+        head = revisions.git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    folder, label = revisions.checkout("working", tmp_path)
+    assert folder == revisions.REPO and label.startswith("working tree (")
+    folder, label = revisions.checkout("HEAD", tmp_path)
+    try:
+        assert label == f"HEAD ({head[:10]})"
+        assert (folder / "segnn_jax" / "__init__.py").is_file()
+        assert (folder / "benchmarks" / "throughput.py").is_file()
+    finally:
+        revisions.git("worktree", "remove", "--force", str(folder))
+    with pytest.raises(subprocess.CalledProcessError):
+        revisions.checkout("no-such-revision", tmp_path)
+
+
+def test_revisions_worker_refuses_a_segnn_jax_from_another_checkout(tmp_path):
+    """A revision's worker must time that revision's code, not the installed package."""
+    from benchmarks import revisions
+
+    policy = revisions.REPO / "segnn_jax" / "host_memory.py"
+    result = subprocess.run([sys.executable, "-c", revisions._WORKER, str(policy), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not from" in result.stderr
