@@ -1,5 +1,9 @@
-"""Shared fixtures: a fresh PRNG key per draw, NaN checking, and the shared data folder."""
+"""Shared fixtures: a fresh PRNG key per draw, NaN checking, and the shared data folder; one XLA
+compilation cache per test session."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from segnn_jax.host_memory import retain_freed_memory
@@ -10,6 +14,25 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_CACHE_VARIABLE = "SEGNN_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+    """Compiled programs are cached on disk for this session, in a fresh folder shared by the
+    pytest-xdist workers (who inherit its path), so a program that several tests build alike
+    (the training step of a test config trained by many tests, a resumed run) compiles once.
+    Compilation dominates the suite's time on a CPU. Nothing outlives the session."""
+    if _CACHE_VARIABLE not in os.environ:
+        os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="segnn-test-xla-")
+        config._segnn_owns_compilation_cache = True
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+    # Programs that compile in under a second are cheaper to recompile than to store and read.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_segnn_owns_compilation_cache", False):
+        shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
 
 
 @pytest.fixture
