@@ -43,6 +43,7 @@ Shape letters: ``...`` leading (batch) axes, u/v/w channels of in1/in2/out, i/j/
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import e3nn_jax as e3nn
@@ -444,7 +445,11 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
     index, first = next((index, chunk) for index, chunks in segments
                         for chunk, _ in chunks.values())  # [n.., 2l+1, mul]
     leading = first.shape[:-2] if index is None else index.shape + first.shape[1:-2]
-    y2 = None if x2 is None else _attribute_chunks(spec, x2, leading, dtype)
+    # Each attribute irrep cut once into its components ([..., mul2] each), shared by every path
+    # that reads it: cut per path and per coefficient, the thousands of slices made tracing the
+    # QM9 training step take seconds longer.
+    y2 = None if x2 is None else [_components(y, axis=-1)
+                                  for y in _attribute_chunks(spec, x2, leading, dtype)]
     outputs = [None] * len(spec.irreps_out)
     for i1, (_, ir1) in enumerate(spec.irreps_in1):
         group = [(path, w) for path, w in zip(spec.paths, weights) if path.i1 == i1]
@@ -556,26 +561,36 @@ def _hybrid_product_bwd(statics, residuals, cotangent):
 _hybrid_product.defvjp(_hybrid_product_fwd, _hybrid_product_bwd)
 
 
-def _couple_columns(spec: TensorProductSpec, path: Path, y: jnp.ndarray, part: jnp.ndarray
-                    ) -> jnp.ndarray:
-    """``out[..., w, k] = sum over v, i, j of cg[i, j, k] y[..., v, j] part[..., i, v, w]``,
-    unrolled over the nonzero coefficients (most of a Clebsch-Gordan block is zero)."""
+def _components(x: jnp.ndarray, axis: int) -> list:
+    """``x`` cut along ``axis`` into its slices, that axis removed (one split, no slices)."""
+    if x.shape[axis] == 1:
+        return [jnp.squeeze(x, axis=axis)]
+    return [jnp.squeeze(c, axis=axis) for c in jnp.split(x, x.shape[axis], axis=axis)]
+
+
+def _couple_columns(spec: TensorProductSpec, path: Path, y: Sequence[jnp.ndarray],
+                    part: jnp.ndarray) -> jnp.ndarray:
+    """``out[..., w, k] = sum over v, i, j of cg[i, j, k] y_j[..., v] part[..., i, v, w]``,
+    unrolled over the nonzero coefficients (most of a Clebsch-Gordan block is zero); ``y`` holds
+    the attribute irrep's components."""
     ir1 = spec.irreps_in1[path.i1].ir
-    ir2 = spec.irreps_in2[path.i2].ir
     ir_out = spec.irreps_out[path.i_out].ir
-    cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, ir2.l, ir_out.l)
-    components = [jnp.squeeze(c, axis=-3) for c in jnp.split(part, ir1.dim, axis=-3)] \
-        if ir1.dim > 1 else [part[..., 0, :, :]]  # [..., v, w] per component i of ir1
+    cg = np.sqrt(ir_out.dim) * e3nn.clebsch_gordan(ir1.l, spec.irreps_in2[path.i2].ir.l, ir_out.l)
+    components = _components(part, axis=-3)  # [..., v, w] per component i of ir1
+    single_channel = part.shape[-2] == 1  # one attribute channel (spherical harmonics)
+    if single_channel:
+        components = [jnp.squeeze(c, axis=-2) for c in components]  # [..., w]
     rows = []
     for k in range(ir_out.dim):
         total = None
         for i in range(ir1.dim):
-            nonzero = [(j, float(cg[i, j, k])) for j in range(ir2.dim) if abs(cg[i, j, k]) > 1e-12]
+            nonzero = [(j, float(cg[i, j, k])) for j in range(len(y)) if abs(cg[i, j, k]) > 1e-12]
             if not nonzero:
                 continue
-            coefficient = sum(c * y[..., :, j] for j, c in nonzero)  # [..., v]
-            if part.shape[-2] == 1:  # one attribute channel (spherical harmonics): no reduction
-                term = coefficient[..., 0, None] * components[i][..., 0, :]
+            coefficient = functools.reduce(
+                operator.add, [c * y[j] for j, c in nonzero])  # [..., v]
+            if single_channel:  # no reduction: [..., 1] times [..., w]
+                term = coefficient * components[i]
             else:
                 term = jnp.sum(coefficient[..., :, None] * components[i], axis=-2)
             total = term if total is None else total + term
