@@ -331,7 +331,6 @@ class SEConv(_SteerableNetwork):
         return dict(super()._layer_options(), nonlinear=self.nonlinear)
 
 
-_UNROLLED = re.compile(r"^(?P<net>.*)/layer_(?P<index>\d+)(?P<rest>(/.*)?)$")
 def transform_with_jitted_init(forward, static_argnames=("is_training",)
                                ) -> hk.TransformedWithState:
     """``hk.transform_with_state(forward)`` whose ``init`` is compiled with ``jax.jit``.
@@ -347,6 +346,7 @@ def transform_with_jitted_init(forward, static_argnames=("is_training",)
     return transformed._replace(init=jax.jit(transformed.init, static_argnames=static))
 
 
+_UNROLLED = re.compile(r"^(?P<net>.*)/layer_(?P<index>\d+)(?P<rest>(/.*)?)$")
 _STACKED = re.compile(r"^(?P<net>.*)/layers/layer(?P<rest>(/.*)?)$")
 
 

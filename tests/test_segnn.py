@@ -210,6 +210,24 @@ def test_scanned_layers_equal_unrolled_layers(keys, network, norm):
     assert jax.tree_util.tree_structure(round_trip) == jax.tree_util.tree_structure(params)
 
 
+def test_jitted_init_gives_the_plain_init_and_keeps_flags_static(keys):
+    """sj.transform_with_jitted_init: the parameters of Haiku's own init, with ``is_training``
+    static whether given by position or by name (the forward branches on it in Python)."""
+    def forward(x, is_training=False):
+        return sj.O3TensorProduct("2x0e+1x1o")(x).array * (2.0 if is_training else 1.0)
+
+    x = e3nn.normal("3x0e+1x1o", next(keys), (4,))
+    key = next(keys)
+    plain = hk.transform_with_state(forward).init(key, x, True)
+    jitted = sj.transform_with_jitted_init(forward)
+    for params_and_state in (jitted.init(key, x, True), jitted.init(key, x, is_training=True)):
+        for a, b in zip(jax.tree_util.tree_leaves(params_and_state),
+                        jax.tree_util.tree_leaves(plain)):
+            np.testing.assert_array_equal(a, b)
+    without_flag = sj.transform_with_jitted_init(lambda x: sj.O3TensorProduct("2x0e")(x).array)
+    assert jax.tree_util.tree_leaves(without_flag.init(key, x))
+
+
 def test_row_tiles_are_the_same_function(keys):
     """row_tile (every tensor product in tiles of rows, rematerialised) changes no output or
     gradient: 26 nodes and 80 edges in tiles of 8 leave partial last tiles."""
