@@ -47,7 +47,8 @@ def retain_freed_host_memory() -> str:
 
     The module is loaded from its file, not imported as ``segnn_jax.host_memory``: in the peer
     worker's environment ``segnn_jax`` is the earlier port. Both sides of a comparison run under
-    the same policy (``SEGNN_RETURN_FREED_MEMORY=1`` in the environment turns it off for both).
+    the same policy: glibc's default unless ``SEGNN_RETAIN_FREED_MEMORY=1`` is in the
+    environment.
 
     Returns:
         ``"retained"`` (freed memory kept for reuse) or ``"returned"`` (glibc's default).
@@ -58,7 +59,7 @@ def retain_freed_host_memory() -> str:
     spec = importlib.util.spec_from_file_location("_segnn_host_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return "retained" if module.retain_freed_memory() else "returned"
+    return "retained" if module.retain_freed_memory_if_requested() else "returned"
 
 
 def versions() -> dict[str, str | None]:
@@ -150,8 +151,9 @@ def time_calls(call: Callable[[], object], repeats: int, max_seconds: float) -> 
     return durations
 
 
-def compile_timed(fn, *args):
-    """``jax.jit(fn).lower(*args).compile()`` with the lowering+compilation wall time.
+def compile_timed(fn, *args, compiler_options=None):
+    """``jax.jit(fn, compiler_options=...).lower(*args).compile()`` with the lowering+compilation
+    wall time.
 
     Returns:
         ``(compiled, seconds, flops)``; ``flops`` is XLA's cost-analysis estimate of one call, or None
@@ -160,7 +162,7 @@ def compile_timed(fn, *args):
     import jax
 
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(*args).compile()
     seconds = time.perf_counter() - start
     return compiled, seconds, cost_flops(compiled)
 
@@ -243,9 +245,11 @@ class ModelBench:
         params, state: the model's initial parameters and state.
         batch: dict of device arrays (``batch["targets"]`` is the regression target).
         loss: ``"mse"`` or ``"l1"``.
+        compiler_options: XLA options both functions are compiled with (our library's own, see
+            ``segnn_jax.compile_options``; none for the earlier port unless asked for).
     """
 
-    def __init__(self, apply, params, state, batch, loss: str):
+    def __init__(self, apply, params, state, batch, loss: str, compiler_options=None):
         import jax
 
         self.params, self.state, self.batch = params, state, batch
@@ -254,17 +258,20 @@ class ModelBench:
         self.opt_state = optimizer.init(params)
         self.forward_fn = lambda p, s, b: apply(p, s, b)[0]
         self.step_fn = step
+        self.compiler_options = dict(compiler_options or {})
         self.compiled = {}
 
     def compile(self, which: str) -> dict[str, float | None]:
         """Lowers and compiles ``"forward"`` or ``"train_step"``; returns its time and FLOP estimate."""
         if which == "forward":
             compiled, seconds, flops = compile_timed(
-                self.forward_fn, self.params, self.state, self.batch
+                self.forward_fn, self.params, self.state, self.batch,
+                compiler_options=self.compiler_options,
             )
         elif which == "train_step":
             compiled, seconds, flops = compile_timed(
-                self.step_fn, self.params, self.state, self.opt_state, self.batch
+                self.step_fn, self.params, self.state, self.opt_state, self.batch,
+                compiler_options=self.compiler_options,
             )
         else:
             raise ValueError(f"which must be 'forward' or 'train_step', got {which!r}")
@@ -305,6 +312,7 @@ def serve(bench: ModelBench, stream_in=None, stream_out=None) -> None:
             "ready": True,
             "params": bench.n_params,
             "versions": versions(),
+            "compiler_options": bench.compiler_options,
             "peak_rss_mb": peak_rss_mb(),
         }
     )

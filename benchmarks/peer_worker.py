@@ -13,6 +13,7 @@ Both projects are importable as ``segnn_jax``: this file must never run with thi
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def _safe_norm(vectors, keepdims=False):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
-def build_peer(arrays: dict, spec: dict, seed: int = 0) -> common.ModelBench:
+def build_peer(arrays: dict, spec: dict, seed: int = 0, compiler_options=None
+               ) -> common.ModelBench:
     """segnn-jax 0.7's SEGNN for configuration ``spec`` on the batch ``arrays`` (float32)."""
     import e3nn_jax as e3nn
     import haiku as hk
@@ -108,16 +110,18 @@ def build_peer(arrays: dict, spec: dict, seed: int = 0) -> common.ModelBench:
     def apply(params, state, batch):
         return transformed.apply(params, state, None, batch)
 
-    return common.ModelBench(apply, params, state, batch, spec["loss"])
+    return common.ModelBench(apply, params, state, batch, spec["loss"],
+                             compiler_options=compiler_options)
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: peer_worker.py BATCH.npz")
+    if len(argv) not in (1, 2):
+        raise SystemExit("usage: peer_worker.py BATCH.npz [COMPILER_OPTIONS_JSON]")
     common.retain_freed_host_memory()  # the policy ours runs under (peers.py records it)
     arrays, spec = inputs.load(Path(argv[0]))
-    common.serve(build_peer(arrays, spec))
+    options = json.loads(argv[1]) if len(argv) == 2 else None
+    common.serve(build_peer(arrays, spec, compiler_options=options))
 
 
 if __name__ == "__main__":

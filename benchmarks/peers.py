@@ -16,6 +16,10 @@ the driver alternates the two, swapping who goes first every round, so that the 
 machine falls on both. Speed-ups are reported as the ratio of medians over all rounds and as the
 median of the per-round ratios.
 
+Ours compiles with this library's XLA options (``segnn_jax.compile_options``: on CPU, YNNPACK
+library fusions for dots only); the earlier port with XLA's defaults, or with the same options
+under ``--peer-compiler-options``, which shows how much of the ratio the options alone make.
+
 Usage::
 
     python benchmarks/peers.py --configs nbody qm9 --rounds 3 --out benchmarks/results/peers_cpu.json
@@ -161,6 +165,12 @@ def _ratio(theirs: dict, ours: dict, key: str):
     return float(np.median(theirs[key])) / float(np.median(ours[key]))
 
 
+def _our_compiler_options() -> dict:
+    from segnn_jax.compile_options import compiler_options
+
+    return compiler_options()
+
+
 def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     """Interleaved timing of ours and the earlier port on configuration ``name``."""
     arrays, spec = inputs.build(name)
@@ -177,7 +187,9 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
     commands = {
         "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path),
                  "--row-tile", args.row_tile, *(["--scan-layers"] if args.scan_layers else [])],
-        "segnn-jax-0.7": [str(peer_python), str(HERE / "peer_worker.py"), str(batch_path)],
+        "segnn-jax-0.7": [str(peer_python), str(HERE / "peer_worker.py"), str(batch_path),
+                          *([json.dumps(_our_compiler_options())] if args.peer_compiler_options
+                            else [])],
     }
     limits = {"ours": args.compile_limit_ours, "segnn-jax-0.7": args.compile_limit}
     workers, sides = {}, {}
@@ -190,6 +202,7 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
                 )
                 sides[side]["params"] = worker.hello["params"]
                 sides[side]["versions"] = worker.hello["versions"]
+                sides[side]["compiler_options"] = worker.hello.get("compiler_options")
                 for which in ("forward", "train_step"):
                     reply = worker.request(f"compile {which}", limits[side])
                     sides[side][f"compile_{which}_s"] = reply["compile_s"]
@@ -308,6 +321,11 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--scan-layers", action="store_true", help="our layers as one scanned body (QM9 config default)"
+    )
+    parser.add_argument(
+        "--peer-compiler-options", action="store_true",
+        help="compile the earlier port with our XLA options too (segnn_jax.compile_options): "
+             "how much of the ratio the options alone make",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

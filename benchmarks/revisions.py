@@ -49,7 +49,7 @@ policy, root, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 spec = importlib.util.spec_from_file_location("_segnn_host_memory", policy)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-module.retain_freed_memory()
+module.retain_freed_memory_if_requested()
 sys.path.insert(0, root)
 import segnn_jax
 if not segnn_jax.__file__.startswith(root):

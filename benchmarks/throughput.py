@@ -79,6 +79,7 @@ def build_ours(
     import jraph
 
     from segnn_jax import SEGNN, SteerableGraphsTuple, attributes, transform_with_jitted_init
+    from segnn_jax.compile_options import compiler_options
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -147,7 +148,8 @@ def build_ours(
     def apply(params, state, batch):
         return transformed.apply(params, state, None, batch, True)
 
-    return common.ModelBench(apply, params, state, batch, spec["loss"])
+    return common.ModelBench(apply, params, state, batch, spec["loss"],
+                             compiler_options=compiler_options())
 
 
 def cast_batch(arrays: dict, dtype: str) -> dict:

@@ -9,6 +9,7 @@ from segnn_jax.attributes import (
     pair_products,
     safe_norm,
 )
+from segnn_jax.compile_options import compiler_options, jit
 from segnn_jax.graph import (
     InvalidPositionsError,
     PaddingBudgetError,
@@ -59,6 +60,7 @@ __all__ = [
     "TrainedModel",
     "balanced_irreps",
     "batch_graphs",
+    "compiler_options",
     "count_tensor_product_weights",
     "edge_attributes",
     "edge_mask",
@@ -67,6 +69,7 @@ __all__ = [
     "gate",
     "gate_irreps",
     "graph_mask",
+    "jit",
     "knn_graph_edges",
     "load_artifact",
     "make_graph",

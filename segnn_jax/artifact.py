@@ -210,11 +210,10 @@ class TrainedModel:
 
     @functools.cached_property
     def _apply(self):
-        import jax
+        from segnn_jax.compile_options import jit
 
         model = self.transformed
-        return jax.jit(lambda params, state, graph: model.apply(params, state, None, graph,
-                                                                False)[0])
+        return jit(lambda params, state, graph: model.apply(params, state, None, graph, False)[0])
 
     def apply(self, graph) -> np.ndarray:
         """The task's forward (evaluation mode) on a batch of raw graphs, as the task builds them

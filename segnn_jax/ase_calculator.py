@@ -29,6 +29,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from segnn_jax import potential as pot
+from segnn_jax.compile_options import jit
 from segnn_jax.graph import pad_graph
 
 __all__ = ["ARTIFACT_LOADER", "SEGNNCalculator", "padded_sizes"]
@@ -98,7 +99,7 @@ class SEGNNCalculator(Calculator):
         self.dtype = np.dtype(dtype)
         self.compiled_shapes: set = set()
         self._predict = {
-            flag: jax.jit(functools.partial(pot.predict, self.model, head=spec.head, stress=flag))
+            flag: jit(functools.partial(pot.predict, self.model, head=spec.head, stress=flag))
             for flag in (False, True)}
 
     @classmethod

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from segnn_jax.host_memory import retain_freed_memory
+from segnn_jax.host_memory import retain_freed_memory_if_requested
 from segnn_jax.training.config import ConfigError
 
 __all__ = ["apply_overrides", "main", "parse_overrides"]
@@ -287,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("segnn_jax").setLevel(logging.INFO)
-    retain_freed_memory()  # before the first JAX computation; see segnn_jax.host_memory
+    retain_freed_memory_if_requested()  # before the first JAX computation; segnn_jax.host_memory
     from segnn_jax.artifact import ArtifactError
     from segnn_jax.tasks import TaskInputError, UnknownTaskError
     from segnn_jax.tasks.inference import UnsupportedTaskError

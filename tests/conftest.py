@@ -6,12 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from segnn_jax.host_memory import retain_freed_memory
-
-retain_freed_memory()  # as the segnn command does: training steps reuse their scratch memory
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 _CACHE_VARIABLE = "SEGNN_TEST_COMPILATION_CACHE"

@@ -33,9 +33,11 @@ def featurize(graph, positions=None, velocities=None, lmax=1):
 
 
 def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1, row_tile=None,
-               compute_dtype=None, contraction_order="couple_first", scan_layers=False):
+               compute_dtype=None, contraction_order="couple_first", scan_layers=False,
+               hidden=None):
     """A transformed tiny network on raw graphs: ``apply(params, state, graph, pos, vel)``."""
-    hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
+    if hidden is None:
+        hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
     output = "1x1o" if task == "node" else "2x0e"
 
     def forward(graph, positions, velocities, is_training=False):

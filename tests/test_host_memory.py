@@ -78,3 +78,19 @@ def test_elsewhere_it_reports_not_applied(monkeypatch):
     monkeypatch.setattr(host_memory, "_applied", False)
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     assert host_memory.retain_freed_memory() is False
+
+
+def test_entry_points_apply_it_only_on_request(monkeypatch):
+    """The segnn command and the benchmarks call retain_freed_memory_if_requested: glibc's
+    default unless SEGNN_RETAIN_FREED_MEMORY=1."""
+    calls = []
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv(host_memory.REQUEST_VARIABLE, raising=False)
+    assert host_memory.retain_freed_memory_if_requested() is False
+    monkeypatch.setenv(host_memory.REQUEST_VARIABLE, "0")
+    assert host_memory.retain_freed_memory_if_requested() is False
+    assert calls == []
+    monkeypatch.setenv(host_memory.REQUEST_VARIABLE, "1")
+    assert host_memory.retain_freed_memory_if_requested() is True
+    assert calls == [1]

@@ -93,6 +93,7 @@ from segnn_jax.attributes import (
     node_attributes,
 )
 from segnn_jax.batching import GraphLoader
+from segnn_jax.compile_options import jit
 from segnn_jax.graph import edge_mask, graph_mask, make_graph, node_graph_index, node_mask
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.segnn import transform_with_jitted_init
@@ -1248,7 +1249,7 @@ def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
     loader = make_loaders(cfg, {split: chosen}, stats)[split]
     model = make_model(cfg)
     params, model_state, step = restore_params(cfg, run_dir, next(iter(loader.epoch_batches(0))))
-    apply = jax.jit(lambda graph: model.apply(params, model_state, None, graph, False)[0])
+    apply = jit(lambda graph: model.apply(params, model_state, None, graph, False)[0])
     predicted = _energies_ev(apply, loader, chosen, stats)
     return {"names": [system.name for system in chosen], "predicted_ev": predicted,
             "target_ev": np.asarray([system.energy for system in chosen], np.float64),

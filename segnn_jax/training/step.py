@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from segnn_jax.compile_options import jit
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
@@ -92,7 +94,7 @@ def init_train_state(init_fn: Callable, optimizer: optax.GradientTransformation,
     init_rng, train_rng = jax.random.split(rng)
     # Compiled as one program: run op by op, initialising even a tiny SEGNN compiles each of its
     # hundreds of operations separately (25 s for three layers of tiny irreps on a CPU).
-    params, model_state = jax.jit(init_fn)(init_rng, example_batch)
+    params, model_state = jit(init_fn)(init_rng, example_batch)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -227,7 +229,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                 state.params, state.model_state, batch, step_rng, lambda c: c)
             return update(state._replace(rng=rng), grads, loss_sum, sums, new_model_state)
 
-        return jax.jit(single, donate_argnums=(0,) if donate else ())
+        return jit(single, donate_argnums=(0,) if donate else ())
 
     def per_device(state: TrainState, batch):
         batch = _unstack(batch)
@@ -243,7 +245,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(_AXIS)), out_specs=(P(), P()),
                             check_vma=False)
-    jitted = jax.jit(sharded, donate_argnums=(0,) if donate else ())
+    jitted = jit(sharded, donate_argnums=(0,) if donate else ())
 
     def train_step(state: TrainState, batch):
         return jitted(state, _place(batch, mesh))
@@ -279,12 +281,12 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None
         return dict(sums, loss_sum=loss_sum)
 
     if mesh is None:
-        return jax.jit(local)
+        return jit(local)
 
     def per_device(params, model_state, batch):
         return jax.lax.psum(local(params, model_state, _unstack(batch)), _AXIS)
 
-    jitted = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(_AXIS)),
+    jitted = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(_AXIS)),
                                    out_specs=P(), check_vma=False))
 
     def eval_step(params, model_state, batch):
