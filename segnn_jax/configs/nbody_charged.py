@@ -21,8 +21,8 @@ from segnn_jax.tasks.nbody import BATCH_DEFAULTS, DATA_DEFAULTS
 from segnn_jax.training import default_train_config
 
 # Measured on the shared 2-core CPU: 120 epochs of 30 training steps, with an evaluation of the
-# 4000 validation and test systems every 5 epochs, took 7.4 minutes with weights-first contractions
-# (benchmarks/results/nbody_charged_main_job.json) and 13-20 minutes under heavy load.
+# 4000 validation and test systems every 5 epochs, took 4.7 minutes (session 12, the slower AMD
+# machine, benchmarks/results/nbody_charged_main_job.json) and 13-20 minutes under heavy load.
 EPOCHS = 120
 
 

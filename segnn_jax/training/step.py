@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segnn_jax.compile_options import jit
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "TrainState",
@@ -287,7 +287,7 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None
         return jax.lax.psum(local(params, model_state, _unstack(batch)), _AXIS)
 
     jitted = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(_AXIS)),
-                                   out_specs=P(), check_vma=False))
+                               out_specs=P(), check_vma=False))
 
     def eval_step(params, model_state, batch):
         return jitted(params, model_state, _place(batch, mesh))
