@@ -6,6 +6,7 @@ where ``segnn_jax`` is the earlier port (version 0.7), not this project.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -200,7 +201,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     }
 
 
-def make_train_step(apply, loss: str, learning_rate: float = 5e-4):
+def make_train_step(apply, loss: str, learning_rate: float = 5e-4, trace_context=None):
     """A real training step: Adam update on an MSE or L1 loss, through ``jax.value_and_grad``.
 
     Args:
@@ -208,6 +209,9 @@ def make_train_step(apply, loss: str, learning_rate: float = 5e-4):
             to ``batch["targets"]``'s shape (the earlier port squeezes its outputs).
         loss: ``"mse"`` or ``"l1"``.
         learning_rate: Adam's step size.
+        trace_context: None, or a context manager factory entered while the loss and its gradient
+            are traced (ours: ``segnn_jax.tensor_product.differentiated_hybrid``, as the training
+            engine does).
 
     Returns:
         ``(optimizer, step)`` with ``step(params, state, opt_state, batch) -> (params, state,
@@ -230,7 +234,9 @@ def make_train_step(apply, loss: str, learning_rate: float = 5e-4):
         return value, new_state
 
     def step(params, state, opt_state, batch):
-        (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, batch)
+        with trace_context() if trace_context is not None else contextlib.nullcontext():
+            (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, state, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, opt_state, value
 
@@ -247,14 +253,16 @@ class ModelBench:
         loss: ``"mse"`` or ``"l1"``.
         compiler_options: XLA options both functions are compiled with (our library's own, see
             ``segnn_jax.compile_options``; none for the earlier port unless asked for).
+        step_context: ``trace_context`` of :func:`make_train_step`.
     """
 
-    def __init__(self, apply, params, state, batch, loss: str, compiler_options=None):
+    def __init__(self, apply, params, state, batch, loss: str, compiler_options=None,
+                 step_context=None):
         import jax
 
         self.params, self.state, self.batch = params, state, batch
         self.n_params = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
-        optimizer, step = make_train_step(apply, loss)
+        optimizer, step = make_train_step(apply, loss, trace_context=step_context)
         self.opt_state = optimizer.init(params)
         self.forward_fn = lambda p, s, b: apply(p, s, b)[0]
         self.step_fn = step

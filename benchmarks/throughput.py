@@ -80,6 +80,7 @@ def build_ours(
 
     from segnn_jax import SEGNN, SteerableGraphsTuple, attributes, transform_with_jitted_init
     from segnn_jax.compile_options import compiler_options
+    from segnn_jax.tensor_product import differentiated_hybrid
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -149,7 +150,8 @@ def build_ours(
         return transformed.apply(params, state, None, batch, True)
 
     return common.ModelBench(apply, params, state, batch, spec["loss"],
-                             compiler_options=compiler_options())
+                             compiler_options=compiler_options(),
+                             step_context=differentiated_hybrid)
 
 
 def cast_batch(arrays: dict, dtype: str) -> dict:

@@ -297,6 +297,51 @@ def test_hybrid_order_evaluates_couple_first_and_differentiates_weights_first(ke
         jax.jvp(lambda n: value("hybrid", n=n), (nodes.array,), (nodes.array,))
 
 
+def test_differentiated_hybrid_traces_weights_first_only(keys, monkeypatch):
+    """Inside ``differentiated_hybrid`` a hybrid product is a plain weights-first one: tracing its
+    gradient never traces the couple-first coupling, its values and gradients are weights-first's
+    bit for bit, forward mode works, and the setting ends with the context, also when the context
+    is left by an exception."""
+    spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
+        keys, "0e+1o", "4x0e+3x1o")
+    couplings = []
+    couple = tp._couple_components
+    monkeypatch.setattr(tp, "_couple_components", lambda *a: couplings.append(1) or couple(*a))
+
+    def value(w, n, order):
+        segments = [(e3nn.IrrepsArray(nodes.irreps, n), receivers),
+                    (e3nn.IrrepsArray(nodes.irreps, n), senders), extra]
+        return jnp.sum(jnp.sin(tp.tensor_product(spec, w, segments, attr, order=order).array))
+
+    def gradient(*args):
+        # The product inside a jit (so too inside a scan, as SEGNN's scanned layers are) is traced
+        # to a jaxpr before it is differentiated, with the custom_vjp's primal.
+        inner = jax.jit(value, static_argnums=2)
+        return jax.value_and_grad(inner, argnums=(0, 1))(*args)
+
+    def traced_couplings(order):
+        jax.clear_caches()  # JAX keeps the traces of a custom_vjp's primal
+        couplings.clear()
+        jax.make_jaxpr(gradient, static_argnums=2)(weights, nodes.array, order)
+        return len(couplings)
+
+    assert traced_couplings("hybrid") > 0  # the couple-first primal, traced though unused
+    with tp.differentiated_hybrid():
+        assert traced_couplings("hybrid") == 0
+        inside = gradient(weights, nodes.array, "hybrid")
+        tangent = jax.jvp(lambda n: value(weights, n, "hybrid"), (nodes.array,), (nodes.array,))
+    reference = gradient(weights, nodes.array, "weights_first")
+    for a, b in zip(jax.tree_util.tree_leaves(inside), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    expected = jax.jvp(lambda n: value(weights, n, "weights_first"), (nodes.array,),
+                       (nodes.array,))
+    np.testing.assert_array_equal(tangent[1], expected[1])
+    with pytest.raises(RuntimeError, match="left early"):
+        with tp.differentiated_hybrid():
+            raise RuntimeError("left early")
+    assert traced_couplings("hybrid") > 0
+
+
 def test_weights_first_in_mixed_precision_stays_close_to_float32(keys):
     spec, weights, nodes, extra, senders, receivers, attr = message_product_inputs(
         keys, "0e+1o", "4x0e+3x1o")

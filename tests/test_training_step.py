@@ -72,6 +72,44 @@ def test_padding_does_not_change_any_number():
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def test_train_step_traces_hybrid_products_weights_first_only(monkeypatch):
+    """Everything the training step's loss computes is differentiated, so its hybrid products are
+    traced weights-first only (``differentiated_hybrid``); the evaluation step's stay hybrid and
+    run couple-first. Counted by the couple-first coupling's calls while each step is traced."""
+    import e3nn_jax as e3nn
+
+    from segnn_jax import tensor_product as tp
+
+    spec = tp.make_spec(["2x0e+1x1o"], "0e+1o", "2x0e+1x1o")
+    weights = tp.init_weights(jax.random.PRNGKey(0), spec)
+    features = e3nn.normal("2x0e+1x1o", jax.random.PRNGKey(1), (4,))
+    attr = e3nn.normal("0e+1o", jax.random.PRNGKey(2), (4,))
+    couplings = []
+    couple = tp._couple_components
+    monkeypatch.setattr(tp, "_couple_components", lambda *a: couplings.append(1) or couple(*a))
+
+    def product(scale):
+        scaled = [w * scale for w in weights]
+        return tp.tensor_product(spec, scaled, [features], attr, order="hybrid").array
+
+    def hybrid_loss(params, model_state, graph, rng, is_training):
+        loss_sum, (sums, model_state) = loss_fn(params, model_state, graph, rng, is_training)
+        scale = jnp.mean(jax.tree.leaves(params)[0])
+        # Traced to a jaxpr before differentiation, as in SEGNN's scanned layers; a new function
+        # each time, since jit would reuse a trace made with the other setting.
+        out = jax.jit(lambda s: product(s))(scale)
+        return loss_sum + jnp.sum(out ** 2), (sums, model_state)
+
+    graphs = pad_graph(batch_graphs(tiny_graphs(3, seed=2)), 24, 80, 4)
+    opt = _opt()
+    state = _fresh_state(opt, graphs)
+    jax.clear_caches()  # JAX keeps the traces of a custom_vjp's primal
+    make_train_step(hybrid_loss, opt, donate=False).trace(state, graphs)
+    assert couplings == []
+    make_eval_step(hybrid_loss).trace(state.params, state.model_state, graphs)
+    assert couplings
+
+
 def test_eval_sums_add_up_over_batches():
     graphs = tiny_graphs(6, seed=2)
     whole = pad_graph(batch_graphs(graphs), 64, 200, 8)

@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segnn_jax.compile_options import jit
+from segnn_jax.tensor_product import differentiated_hybrid
 
 __all__ = [
     "TrainState",
@@ -196,7 +197,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     def local_grads(params, model_state, batch, rng, total_count: Callable):
         def objective(p):
-            loss_sum, (sums, new_model_state) = loss_fn(p, model_state, batch, rng, True)
+            with differentiated_hybrid():  # every product here is differentiated
+                loss_sum, (sums, new_model_state) = loss_fn(p, model_state, batch, rng, True)
             _check_sums(sums)
             # The count does not depend on the parameters; stop_gradient keeps it out of the graph.
             total = jnp.maximum(total_count(jax.lax.stop_gradient(sums["count"])), 1)
