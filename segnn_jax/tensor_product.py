@@ -87,14 +87,14 @@ def differentiated_hybrid():
     For code that differentiates every product it traces, such as a training step's loss: there
     JAX runs only the hybrid's forward rule, which is weights-first, but it still traces the
     couple-first primal of the ``jax.custom_vjp``, which doubled the tracing time of QM9's
-    training step (2.9 s -> 6.2 s) for the same compiled program. The products compute the same
-    function either way, so a product that is only evaluated inside the context gives the same
-    values, in the order slower for evaluation. Forward-mode differentiation (``jax.jvp``) of a
+    training step (2.9 s -> 6.2 s) for the same compiled program. The orders compute the same
+    function (to float rounding), so a product that is only evaluated inside the context gives
+    the same values, in the order that is slower for evaluation. Forward-mode differentiation (``jax.jvp``) of a
     hybrid product works inside the context.
 
     The setting is read while tracing; it follows the thread and the context of the code that
     traces (a ``contextvars.ContextVar``). ``jax.jit`` does not see it: a function jitted on its
-    own keeps the trace it was first compiled with, inside the context or not (the same values
+    own keeps the trace it was first compiled with, inside the context or not (the same function
     either way). The training engine (:func:`segnn_jax.training.make_train_step`) traces its loss
     inside this context.
     """
