@@ -201,7 +201,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     }
 
 
-def make_train_step(apply, loss: str, learning_rate: float = 5e-4, trace_context=None):
+def make_train_step(apply, loss: str, learning_rate: float = 5e-4,
+                    trace_context=contextlib.nullcontext):
     """A real training step: Adam update on an MSE or L1 loss, through ``jax.value_and_grad``.
 
     Args:
@@ -209,8 +210,8 @@ def make_train_step(apply, loss: str, learning_rate: float = 5e-4, trace_context
             to ``batch["targets"]``'s shape (the earlier port squeezes its outputs).
         loss: ``"mse"`` or ``"l1"``.
         learning_rate: Adam's step size.
-        trace_context: None, or a context manager factory entered while the loss and its gradient
-            are traced (ours: ``segnn_jax.tensor_product.differentiated_hybrid``, as the training
+        trace_context: a context manager factory entered while the loss and its gradient are
+            traced (ours: ``segnn_jax.tensor_product.differentiated_hybrid``, as the training
             engine does).
 
     Returns:
@@ -234,7 +235,7 @@ def make_train_step(apply, loss: str, learning_rate: float = 5e-4, trace_context
         return value, new_state
 
     def step(params, state, opt_state, batch):
-        with trace_context() if trace_context is not None else contextlib.nullcontext():
+        with trace_context():
             (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, state, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -257,7 +258,7 @@ class ModelBench:
     """
 
     def __init__(self, apply, params, state, batch, loss: str, compiler_options=None,
-                 step_context=None):
+                 step_context=contextlib.nullcontext):
         import jax
 
         self.params, self.state, self.batch = params, state, batch

@@ -89,8 +89,8 @@ def differentiated_hybrid():
     couple-first primal of the ``jax.custom_vjp``, which doubled the tracing time of QM9's
     training step (2.9 s -> 6.2 s) for the same compiled program. The orders compute the same
     function (to float rounding), so a product that is only evaluated inside the context gives
-    the same values, in the order that is slower for evaluation. Forward-mode differentiation (``jax.jvp``) of a
-    hybrid product works inside the context.
+    the same values, in the order that is slower for evaluation. Forward-mode differentiation
+    (``jax.jvp``) of a hybrid product works inside the context.
 
     The setting is read while tracing; it follows the thread and the context of the code that
     traces (a ``contextvars.ContextVar``). ``jax.jit`` does not see it: a function jitted on its
