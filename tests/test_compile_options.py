@@ -61,14 +61,46 @@ def test_reductions_leave_the_library(supported):
                                rtol=1e-6, atol=1e-7)
 
 
-def test_training_gradients_match_xla_defaults():
-    """Loss and gradients of a SEGNN through ``jit`` and through plain ``jax.jit`` agree to 1e-5
-    (the options change which library runs a fusion, not the function). The channels are wide
-    enough that XLA's defaults hand the gates' reductions to YNNPACK."""
+def test_options_given_to_jit_follow_the_librarys_rules(monkeypatch):
+    """A caller's options update the library's; ``xla_cpu_*`` ones apply on CPU only; an option
+    that ``XLA_FLAGS`` sets is left to it."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    legacy = {"xla_cpu_use_fusion_emitters": False}
+    library = compile_options.compiler_options("cpu")
+    assert compile_options.resolve_options(legacy, "cpu") == {**library, **legacy}
+    assert compile_options.resolve_options(legacy, "gpu") == {}
+    assert compile_options.resolve_options({"xla_gpu_autotune_level": 0}, "gpu") == {
+        "xla_gpu_autotune_level": 0}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                                    "--xla_cpu_use_fusion_emitters=true")
+    assert compile_options.resolve_options(legacy, "cpu") == library
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"cpu_use_fusion_emitters": False}, "XLA option names start with 'xla_'"),
+    ({"xla_no_such_option": 1}, "xla_no_such_option=1: XLA refuses it"),
+    ({"xla_cpu_use_fusion_emitters": "sometimes"}, "XLA refuses it"),
+    ({"xla_cpu_use_fusion_emitters": [False]}, "expected a bool, number or string"),
+])
+def test_check_options_names_the_bad_option(bad, message):
+    with pytest.raises(ValueError, match=message):
+        compile_options.check_options(bad)
+    compile_options.check_options({"xla_cpu_use_fusion_emitters": False})
+    compile_options.check_options(None)
+
+
+@pytest.mark.parametrize("extra", [None, {"xla_cpu_use_fusion_emitters": False}],
+                         ids=["library", "legacy_emitters"])
+def test_training_gradients_match_xla_defaults(extra):
+    """Loss and gradients of a SEGNN through ``jit`` (with the library's options, and with the
+    QM9 configs' legacy fusion emitters) and through plain ``jax.jit`` agree to 1e-5 (the options
+    change how XLA emits a fusion or which library runs it, not the function). The channels are
+    wide enough that XLA's defaults hand the gates' reductions to YNNPACK."""
     rng = np.random.default_rng(3)
     graphs = [mf.random_graph(rng, 5) for _ in range(20)]  # 400 edges
     graph = mf.to_device(mf.pad(graphs, 104, 404, 21))
-    model = mf.make_model(layers=2, contraction_order="weights_first", hidden="8x0e+8x1o")
+    model = mf.make_model(layers=2, contraction_order="weights_first", hidden="8x0e+8x1o",
+                          scan_layers=extra is not None)
     params, state = model.init(jax.random.PRNGKey(0), graph, graph.nodes["positions"],
                                graph.nodes["velocities"])
 
@@ -77,7 +109,8 @@ def test_training_gradients_match_xla_defaults():
                              graph.nodes["velocities"], True)
         return jnp.sum(out ** 2)
 
-    tuned = compile_options.jit(jax.value_and_grad(loss)).lower(params).compile()
+    tuned = compile_options.jit(jax.value_and_grad(loss),
+                                compiler_options=extra).lower(params).compile()
     plain = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
     if compile_options.compiler_options():
         assert (tuned.as_text().count("__ynn_fusion")

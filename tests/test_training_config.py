@@ -26,10 +26,27 @@ def test_defaults_validate_and_configdict_is_accepted():
     ({"keep_checkpoints": 0}, r"config\.train\.keep_checkpoints: must be > 0"),
     ({"time_budget_s": 0}, r"config\.train\.time_budget_s: must be > 0"),
     ({"time_budget_s": float("nan")}, r"config\.train\.time_budget_s: expected a finite number"),
+    ({"compiler_options": {"use_fusion_emitters": False}},
+     r"config\.train\.compiler_options: 'use_fusion_emitters': XLA option names start with 'xla_'"),
+    ({"compiler_options": {"xla_cpu_use_fusion_emitter": False}},
+     r"config\.train\.compiler_options: xla_cpu_use_fusion_emitter=False: XLA refuses it"),
+    ({"compiler_options": {"xla_cpu_use_fusion_emitters": "sometimes"}},
+     r"config\.train\.compiler_options: xla_cpu_use_fusion_emitters='sometimes': XLA refuses it"),
 ])
 def test_invalid_values_name_the_option(section, message):
     with pytest.raises(ConfigError, match=message):
         validate_train_config(section)
+
+
+def test_compiler_options_take_any_xla_option():
+    """The section's keys are XLA's option names, not a fixed list: any option XLA accepts."""
+    config = ml_collections.ConfigDict(default_train_config())
+    config.compiler_options = {"xla_cpu_use_fusion_emitters": False}
+    full = validate_train_config(config)
+    assert full["compiler_options"] == {"xla_cpu_use_fusion_emitters": False}
+    assert validate_train_config({})["compiler_options"] == {}
+    check_known_options({"compiler_options": {"xla_cpu_use_fusion_emitters": True}},
+                        default_train_config())
 
 
 def test_unknown_option_at_any_depth():

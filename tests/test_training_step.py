@@ -135,6 +135,35 @@ def test_one_device_mesh_equals_plain_jit():
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mesh", [False, True], ids=["one_device", "mesh"])
+def test_compiler_options_reach_both_steps(mesh):
+    """The steps compile with the options they are given: legacy fusion emitters give the same
+    numbers, and an option XLA refuses fails the first call, naming the option."""
+    graphs = pad_graph(batch_graphs(tiny_graphs(4, seed=3)), 32, 100, 6)
+    mesh = data_mesh(jax.devices()[:1]) if mesh else None
+    batch = stack_batches([graphs]) if mesh is not None else graphs
+    opt = _opt()
+    legacy = {"xla_cpu_use_fusion_emitters": False}
+    plain = make_train_step(loss_fn, opt, mesh=mesh)(_fresh_state(opt, graphs), batch)
+    tuned = make_train_step(loss_fn, opt, mesh=mesh, compiler_options=legacy)(
+        _fresh_state(opt, graphs), batch)
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(tuned)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    state = _fresh_state(opt, graphs)
+    np.testing.assert_allclose(
+        make_eval_step(loss_fn, mesh=mesh, compiler_options=legacy)(
+            state.params, state.model_state, batch)["loss_sum"],
+        make_eval_step(loss_fn, mesh=mesh)(state.params, state.model_state, batch)["loss_sum"],
+        rtol=1e-6)
+    refused = {"xla_cpu_use_fusion_emitters": "sometimes"}
+    with pytest.raises(Exception, match="xla_cpu_use_fusion_emitters"):
+        make_train_step(loss_fn, opt, mesh=mesh, compiler_options=refused)(
+            _fresh_state(opt, graphs), batch)
+    with pytest.raises(Exception, match="xla_cpu_use_fusion_emitters"):
+        make_eval_step(loss_fn, mesh=mesh, compiler_options=refused)(
+            state.params, state.model_state, batch)
+
+
 def test_ema_tracks_parameters_and_step_counts():
     graphs = pad_graph(batch_graphs(tiny_graphs(3, seed=4)), 32, 100, 4)
     opt = _opt()

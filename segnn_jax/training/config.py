@@ -1,4 +1,5 @@
-"""Options of the training engine and their validation, done on the host before any compilation.
+"""Options of the training engine and their validation, done before the model compiles (XLA
+options in ``compiler_options`` are tried on a trivial function).
 
 Configs may be plain nested dicts or ``ml_collections.ConfigDict``; every error is a
 :class:`ConfigError` whose message starts with the dotted name of the offending option, e.g.
@@ -12,6 +13,7 @@ import difflib
 import math
 from typing import Any, Dict, Mapping, Optional
 
+from segnn_jax.compile_options import check_options
 from segnn_jax.training.optim import OPTIMIZER_DEFAULTS
 
 __all__ = [
@@ -47,8 +49,15 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "tensorboard": True,
     "progress_bar": True,
     "time_budget_s": None,
+    # XLA options for compiling the training and evaluation steps, on top of the library's own
+    # (segnn_jax.compile_options): option name -> value, e.g. the QM9 configs'
+    # {"xla_cpu_use_fusion_emitters": False}. Any XLA option name is allowed; XLA checks them.
+    "compiler_options": {},
     "optimizer": dict(OPTIMIZER_DEFAULTS),
 }
+
+FREE_FORM_OPTIONS = ("compiler_options",)
+"""Sections of :data:`TRAIN_DEFAULTS` whose keys are not fixed (checked by their own rules)."""
 
 
 def default_train_config() -> Dict[str, Any]:
@@ -90,7 +99,7 @@ def check_known_options(config: Any, reference: Any, *, name: str = "config") ->
             close = difflib.get_close_matches(key, list(reference), n=1)
             hint = f"; did you mean {name}.{close[0]}?" if close else ""
             raise ConfigError(f"{name}.{key}: unknown option{hint}")
-        if isinstance(reference[key], Mapping):
+        if isinstance(reference[key], Mapping) and key not in FREE_FORM_OPTIONS:
             check_known_options(value, reference[key], name=f"{name}.{key}")
 
 
@@ -133,6 +142,11 @@ def validate_train_config(config: Any, *, name: str = "config.train") -> Dict[st
     full = default_train_config()
     full.update({k: v for k, v in config.items() if k != "optimizer"})
     full["optimizer"].update(config.get("optimizer", {}) or {})
+    full["compiler_options"] = dict(full["compiler_options"] or {})
+    try:
+        check_options(full["compiler_options"])
+    except ValueError as error:
+        raise ConfigError(f"{name}.compiler_options: {error}") from None
     for key in ("num_epochs", "eval_every", "log_every", "keep_checkpoints"):
         _positive(full, key, name, integer=True)
     _positive(full, "checkpoint_every_steps", name, integer=True, allow_zero=True)

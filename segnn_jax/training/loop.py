@@ -322,8 +322,9 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    mesh_devices=None if mesh is None else int(mesh.devices.size))
 
-    train_step = make_train_step(loss_fn, optimizer, mesh=mesh, ema_decay=cfg["ema_decay"])
-    eval_step = make_eval_step(loss_fn, mesh=mesh)
+    train_step = make_train_step(loss_fn, optimizer, mesh=mesh, ema_decay=cfg["ema_decay"],
+                                 compiler_options=cfg["compiler_options"])
+    eval_step = make_eval_step(loss_fn, mesh=mesh, compiler_options=cfg["compiler_options"])
     step = int(jax.device_get(state.step))
     last_eval: Dict[str, Dict[str, float]] = {}
 

@@ -32,7 +32,7 @@ Shape letters: D devices of the mesh.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +173,8 @@ def _unstack(batch: Any) -> Any:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     mesh: Optional[Mesh] = None, ema_decay: Optional[float] = None,
-                    donate: bool = True) -> Callable[[TrainState, Any], Tuple[TrainState, Dict]]:
+                    donate: bool = True, compiler_options: Optional[Mapping[str, Any]] = None
+                    ) -> Callable[[TrainState, Any], Tuple[TrainState, Dict]]:
     """Builds the jitted ``train_step(state, batch) -> (state, sums)``.
 
     Args:
@@ -187,6 +188,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             initial parameters for the first ~1/(1 - ema_decay) steps, when it is evaluated early.
         donate: donate the old state's buffers to the new one (saves memory; the old state is
             invalid after the call).
+        compiler_options: XLA options on top of the library's (``segnn_jax.compile_options``),
+            e.g. ``{"xla_cpu_use_fusion_emitters": False}``.
 
     Returns:
         ``train_step``; the returned sums are device scalars summed over all devices:
@@ -231,7 +234,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                 state.params, state.model_state, batch, step_rng, lambda c: c)
             return update(state._replace(rng=rng), grads, loss_sum, sums, new_model_state)
 
-        return jit(single, donate_argnums=(0,) if donate else ())
+        return jit(single, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options)
 
     def per_device(state: TrainState, batch):
         batch = _unstack(batch)
@@ -247,7 +251,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(_AXIS)), out_specs=(P(), P()),
                             check_vma=False)
-    jitted = jit(sharded, donate_argnums=(0,) if donate else ())
+    jitted = jit(sharded, donate_argnums=(0,) if donate else (),
+                 compiler_options=compiler_options)
 
     def train_step(state: TrainState, batch):
         return jitted(state, _place(batch, mesh))
@@ -263,7 +268,8 @@ def _place(batch: Any, mesh: Mesh) -> Any:
     return shard_batch(batch, mesh)
 
 
-def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None
+def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None,
+                   compiler_options: Optional[Mapping[str, Any]] = None
                    ) -> Callable[[Any, Any, Any], Dict[str, jnp.ndarray]]:
     """Builds the jitted ``eval_step(params, model_state, batch) -> sums``.
 
@@ -274,6 +280,7 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None
     Args:
         loss_fn: the objective (see the module docstring).
         mesh: as in :func:`make_train_step`.
+        compiler_options: as in :func:`make_train_step`.
     """
     rng = jax.random.PRNGKey(0)
 
@@ -283,13 +290,13 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None
         return dict(sums, loss_sum=loss_sum)
 
     if mesh is None:
-        return jit(local)
+        return jit(local, compiler_options=compiler_options)
 
     def per_device(params, model_state, batch):
         return jax.lax.psum(local(params, model_state, _unstack(batch)), _AXIS)
 
     jitted = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(_AXIS)),
-                               out_specs=P(), check_vma=False))
+                               out_specs=P(), check_vma=False), compiler_options=compiler_options)
 
     def eval_step(params, model_state, batch):
         return jitted(params, model_state, _place(batch, mesh))
