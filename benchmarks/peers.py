@@ -165,10 +165,10 @@ def _ratio(theirs: dict, ours: dict, key: str):
     return float(np.median(theirs[key])) / float(np.median(ours[key]))
 
 
-def _our_compiler_options() -> dict:
-    from segnn_jax.compile_options import compiler_options
+def _our_compiler_options(spec: dict) -> dict:
+    from segnn_jax.compile_options import resolve_options
 
-    return compiler_options()
+    return resolve_options(spec.get("compiler_options"))
 
 
 def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
@@ -188,7 +188,7 @@ def compare(name: str, peer_python: Path, args, workdir: Path) -> dict:
         "ours": [sys.executable, str(HERE / "throughput.py"), "--serve", str(batch_path),
                  "--row-tile", args.row_tile, *(["--scan-layers"] if args.scan_layers else [])],
         "segnn-jax-0.7": [str(peer_python), str(HERE / "peer_worker.py"), str(batch_path),
-                          *([json.dumps(_our_compiler_options())] if args.peer_compiler_options
+                          *([json.dumps(_our_compiler_options(spec))] if args.peer_compiler_options
                             else [])],
     }
     limits = {"ours": args.compile_limit_ours, "segnn-jax-0.7": args.compile_limit}

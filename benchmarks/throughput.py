@@ -79,7 +79,7 @@ def build_ours(
     import jraph
 
     from segnn_jax import SEGNN, SteerableGraphsTuple, attributes, transform_with_jitted_init
-    from segnn_jax.compile_options import compiler_options
+    from segnn_jax.compile_options import resolve_options
     from segnn_jax.tensor_product import differentiated_hybrid
 
     if dtype not in DTYPES:
@@ -150,7 +150,7 @@ def build_ours(
         return transformed.apply(params, state, None, batch, True)
 
     return common.ModelBench(apply, params, state, batch, spec["loss"],
-                             compiler_options=compiler_options(),
+                             compiler_options=resolve_options(spec.get("compiler_options")),
                              step_context=differentiated_hybrid)
 
 
@@ -229,6 +229,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
                        compute_dtype=record["compute_dtype"],
                        contraction_order=record["contraction_order"])
     record["params"] = bench.n_params
+    record["compiler_options"] = bench.compiler_options  # as resolved: what XLA compiled with
     forward = bench.compile("forward")
     step = bench.compile("train_step")
     record["compile_forward_s"] = forward["compile_s"]
