@@ -402,9 +402,13 @@ def main(argv=None) -> dict:
     print(
         f"float32 2048x2048 matmul: {result['matmul_float32']['median_gflops']:.1f} GFLOP/s (median)"
     )
+    from segnn_jax.training import git_revision
+
     result["configs"] = {}
+    previous = {}
     if args.update and args.out is not None and args.out.exists():
-        result["configs"] = json.loads(args.out.read_text()).get("configs", {})
+        previous = json.loads(args.out.read_text())
+        result["configs"] = previous.get("configs", {})
     for name in args.configs:
         start = time.perf_counter()
         cpu_before = common.cpu_info()
@@ -456,9 +460,13 @@ def main(argv=None) -> dict:
         record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["load_average_before"] = cpu_before["load_average_1_5_15"]
         record["matmul_float32_gflops_same_run"] = result["matmul_float32"]["median_gflops"]
+        record["git_revision"] = git_revision()
         result["configs"][name] = record
         _print_record(name, record)
     result["cpu_after"] = common.cpu_info()
+    # --update keeps what else the file records (notes, commands, superseded runs).
+    for key, value in previous.items():
+        result.setdefault(key, value)
     common.write_result(args.out, result)
     return result
 

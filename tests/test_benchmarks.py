@@ -87,6 +87,24 @@ def test_saved_batches_are_read_back_for_the_same_configuration(tmp_path, capsys
     with pytest.raises(FileNotFoundError, match="--save"):
         inputs.build_or_load("qm9", tmp_path)
 
+def test_update_keeps_the_files_other_records(tmp_path, monkeypatch):
+    """``--update`` replaces only the measured configurations' records: the other
+    configurations, notes, commands and superseded runs of the file stay; each new record names
+    its git revision."""
+    monkeypatch.setattr(common, "matmul_gflops", lambda: {"n": 2048, "median_gflops": 1.0})
+    out = tmp_path / "throughput.json"
+    out.write_text(json.dumps({"configs": {"oc20": {"train_step_ms": 1.0}}, "note": "kept",
+                               "superseded": {"qm9_before": {"train_step_ms": 2.0}}}))
+    throughput.main(["--configs", "nbody", "--batches", str(tmp_path / "no_batches"),
+                     "--in-process", "--update", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["note"] == "kept"
+    assert result["superseded"] == {"qm9_before": {"train_step_ms": 2.0}}
+    assert result["configs"]["oc20"] == {"train_step_ms": 1.0}
+    assert "FileNotFoundError" in result["configs"]["nbody"]["error"]
+    assert result["configs"]["nbody"]["git_revision"]
+
+
 def test_summarise_reports_milliseconds():
     summary = common.summarise([0.001, 0.002, 0.003, 0.004, 0.005])
     assert summary["median_ms"] == pytest.approx(3.0)
