@@ -17,8 +17,9 @@ turns the tuning off (XLA's defaults, for comparisons).
 Some options pay for one model and cost another, so they are not defaults but choices of an
 experiment's config (``config.train.compiler_options``, passed to :func:`jit`). XLA's newer
 "fusion emitters" (``xla_cpu_use_fusion_emitters``, on by default) compile QM9's scanned training
-step 5-9 s slower than the legacy emitters, with more memory and no faster step, while the
-N-body step is 1.6x faster with them (``benchmarks/README.md``): the QM9 configs turn them off.
+step about 6 s slower than the legacy emitters (medians 31.8 s against 25.7 s on a 2-core
+CPU), with more memory and no faster step, while the N-body step is 1.6x faster with them
+(``benchmarks/README.md``): the QM9 configs turn them off.
 Options passed to :func:`jit` follow the same rules as the library's own: an ``xla_cpu_*`` option
 applies on the CPU backend only, and an option that ``XLA_FLAGS`` sets is left to ``XLA_FLAGS``.
 """

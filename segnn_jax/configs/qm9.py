@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     train["optimizer"].update(optimizer="adam", learning_rate=5e-4, weight_decay=1e-8,
                               schedule="multistep", decay_factor=0.1, decay_fractions=(0.8, 0.9))
     # XLA's legacy fusion emitters (CPU only; ignored elsewhere): this model's scanned training
-    # step compiles 5-9 s faster with them, with a third less peak memory, and runs no slower
+    # step compiles about 6 s faster with them, with a third less peak memory, and runs no slower
     # (benchmarks/README.md). The N-body step is 1.6x slower with them: not a library default.
     train["compiler_options"] = {"xla_cpu_use_fusion_emitters": False}
     config.train = train
