@@ -113,6 +113,27 @@ def _validate(
 #: more did not finish in a minute).
 MAX_PERIODIC_IMAGES = 1e8
 
+#: Most bin offsets ASE's search may loop over. It loops over them in Python (about 0.2 ms each
+#: for a dozen atoms on the 2-core CPU) and bins at least 3 Angstrom whatever the cutoff: a cell
+#: 0.03 thick, periodic along two axes, needs 43,000 offsets at a cutoff of 3.1 (8 s), one 0.01
+#: thick 360,000-380,000 at a cutoff of 1 or 3.1 (over a minute). Physical cells stay far below
+#: it (a slab: under 100; a 1 Angstrom cubic cell at a 17 Angstrom cutoff: 43,000).
+MAX_ASE_BIN_OFFSETS = 5e4
+
+
+def _ase_bin_offsets(box: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
+    """The bin offsets ``ase.neighborlist.primitive_neighbor_list`` (ASE 3.23-3.29) loops over for
+    ``box``: its bins are at least 3 Angstrom and hold a cutoff sphere in 8 of them; it searches
+    ceil(bin size x bins / face distance) bins each way along an axis (none along a non-periodic
+    axis with one bin)."""
+    with np.errstate(divide="ignore"):
+        face = 1.0 / np.linalg.norm(np.linalg.pinv(box).T, axis=1)
+    bin_size = max(cutoff, 3.0)
+    bins = np.maximum(np.floor(face / bin_size), 1)
+    search = np.ceil(bin_size * bins / face)
+    search[(bins == 1) & ~pbc] = 0
+    return float(np.prod(2 * search + 1))
+
 
 def _periodic_images(periodic: np.ndarray, cutoff: float) -> float:
     """Images of the periodic lattice within ``cutoff``: the product over its vectors of
@@ -174,6 +195,15 @@ def _neighbour_pairs(
     box = cell.copy()
     if not pbc.all():
         box[~pbc] = _orthonormal_complement(cell[pbc])
+    offsets = _ase_bin_offsets(box, pbc, cutoff)
+    if offsets > MAX_ASE_BIN_OFFSETS:
+        raise PeriodicGraphError(
+            f"ASE's neighbour search would loop over about {offsets:.3g} bin offsets for the cell "
+            f"{cell.tolist()} (pbc {pbc.tolist()}, cutoff {cutoff}) and take minutes (limit "
+            f"{MAX_ASE_BIN_OFFSETS:.0e}): the cell is nearly degenerate or far smaller than the "
+            f"cutoff" + ("; backend='vesin' searches cells periodic along every axis faster"
+                         if pbc.all() else "")
+        )
     try:
         return primitive_neighbor_list(
             "ijS", pbc, box, positions, cutoff, self_interaction=False, use_scaled_positions=False
@@ -246,8 +276,9 @@ def periodic_radius_graph(
         PeriodicEdges sorted by (receiver, sender, image shift).
 
     Raises:
-        PeriodicGraphError: on malformed input or linearly dependent periodic
-            cell vectors.
+        PeriodicGraphError: on malformed input, linearly dependent periodic
+            cell vectors, or more images of the cell within the cutoff than the search
+            allows (:data:`MAX_PERIODIC_IMAGES`; :data:`MAX_ASE_BIN_OFFSETS` for ASE).
     """
     if backend not in BACKENDS:
         raise PeriodicGraphError(f"backend must be one of {BACKENDS}, got {backend!r}")

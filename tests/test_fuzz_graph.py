@@ -206,6 +206,22 @@ def test_periodic_radius_graph_matches_brute_force(system):
     record("periodic.periodic_radius_graph", "accepted")
 
 
+def test_thin_slab_cell_without_full_periodicity_fails_fast():
+    """Regression (found by the fuzz test above): in a cell 0.01 thick, periodic along two axes,
+    ASE's search (vesin takes only fully periodic cells) looped over 360,000 bin offsets in
+    Python, over a minute, at a cutoff of 1 as at 3.1 (its bins are at least 3 Angstrom). It now
+    stops at once, naming the limit; a thicker cell still works."""
+    cell = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 3.0, 0.01]])
+    pbc = np.array([False, True, True])
+    positions = np.random.default_rng(0).uniform(-0.5, 1.5, size=(11, 3)) @ cell
+    for cutoff in (1.0, 3.089583341854864):
+        with no_hang(10), pytest.raises(PeriodicGraphError, match="ASE's neighbour search"):
+            periodic_radius_graph(positions, cell, pbc, cutoff)
+    cell[2, 2] = 0.3
+    edges = periodic_radius_graph(positions, cell, pbc, 3.089583341854864)
+    assert len(edges.senders) > 0
+
+
 @pytest.mark.parametrize("thickness", [1e-5, 1e-7])
 def test_periodic_nearly_degenerate_cell_fails_fast(thickness):
     """Regression: a cell 1e-5 thick (rank test passed) made the neighbour search run for
