@@ -87,6 +87,7 @@ def test_saved_batches_are_read_back_for_the_same_configuration(tmp_path, capsys
     with pytest.raises(FileNotFoundError, match="--save"):
         inputs.build_or_load("qm9", tmp_path)
 
+
 def test_update_keeps_the_files_other_records(tmp_path, monkeypatch):
     """``--update`` replaces only the measured configurations' records: the other
     configurations, notes, commands and superseded runs of the file stay; each new record names
