@@ -404,6 +404,7 @@ def main(argv=None) -> dict:
     )
     from segnn_jax.training import git_revision
 
+    revision = git_revision()
     result["configs"] = {}
     previous = {}
     if args.update and args.out is not None and args.out.exists():
@@ -460,7 +461,7 @@ def main(argv=None) -> dict:
         record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["load_average_before"] = cpu_before["load_average_1_5_15"]
         record["matmul_float32_gflops_same_run"] = result["matmul_float32"]["median_gflops"]
-        record["git_revision"] = git_revision()
+        record["git_revision"] = revision
         result["configs"][name] = record
         _print_record(name, record)
     result["cpu_after"] = common.cpu_info()
