@@ -54,6 +54,7 @@ from segnn_jax.graph import edge_mask as graph_edge_mask
 from segnn_jax.graph import make_graph, node_graph_index, node_mask
 from segnn_jax.periodic import periodic_radius_graph
 from segnn_jax.segnn import transform_with_jitted_init
+from segnn_jax.tensor_product import differentiated_hybrid
 
 __all__ = [
     "HEADS",
@@ -296,12 +297,15 @@ def predict(model: hk.TransformedWithState, params: Any, model_state: Any,
         return {"energy": per_graph, "forces": atom_vectors, "atom_energies": atom_energies}
     if head != "conservative":
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if not stress:
-        grad, (per_graph, atom_energies, _) = jax.grad(energies, has_aux=True)(positions, None)
-        return {"energy": per_graph, "forces": -grad, "atom_energies": atom_energies}
-    strain = jnp.zeros((n_graphs, 3, 3), positions.dtype)
-    (grad_x, grad_strain), (per_graph, atom_energies, _) = jax.grad(
-        energies, argnums=(0, 1), has_aux=True)(positions, strain)
+    # Every product of the energy is differentiated (forces), so a "hybrid" model is traced
+    # weights-first only, not also in its unused couple-first primal.
+    with differentiated_hybrid():
+        if not stress:
+            grad, (per_graph, atom_energies, _) = jax.grad(energies, has_aux=True)(positions, None)
+            return {"energy": per_graph, "forces": -grad, "atom_energies": atom_energies}
+        strain = jnp.zeros((n_graphs, 3, 3), positions.dtype)
+        (grad_x, grad_strain), (per_graph, atom_energies, _) = jax.grad(
+            energies, argnums=(0, 1), has_aux=True)(positions, strain)
     cell = graph.globals["cell"].astype(positions.dtype)
     volume = jnp.abs(jnp.linalg.det(cell))
     safe_volume = jnp.where(volume > 0, volume, 1.0)

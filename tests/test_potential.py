@@ -2,6 +2,7 @@
 energy is invariant (forces equivariant) under E(3) and permutations, extensive, and smooth at
 the cutoff. Everything runs in float64 on one padded shape, so the model compiles once."""
 
+import dataclasses
 import functools
 
 import jax
@@ -117,6 +118,36 @@ def test_invariance_and_equivariance_under_euclidean_motions(conservative, refle
                                np.asarray(before["forces"])[:n] @ rotation.T, atol=1e-10)
     np.testing.assert_allclose(np.asarray(after["stress"][0]),
                                rotation @ np.asarray(before["stress"][0]) @ rotation.T, atol=1e-10)
+
+
+def test_hybrid_order_is_traced_weights_first_only(x64, monkeypatch):
+    """Forces differentiate every product of the energy, so ``predict`` traces a hybrid model
+    weights-first only (no couple-first coupling) and gets weights-first's energy, forces and
+    stress."""
+    from segnn_jax import tensor_product as tp
+
+    couplings = []
+    couple = tp._couple_components
+    monkeypatch.setattr(tp, "_couple_components", lambda *a: couplings.append(1) or couple(*a))
+    graph = _padded(_slab())
+    results = {}
+    for order in ("hybrid", "weights_first"):
+        spec = tiny_spec()
+        # Scanned layers: the product inside the scan is traced to a jaxpr before it is
+        # differentiated, which traces the custom_vjp's couple-first primal too.
+        spec = dataclasses.replace(spec, model=dict(spec.model, contraction_order=order,
+                                                    num_layers=2, scan_layers=True))
+        model = pot.make_potential(spec)
+        params, state = model.init(jax.random.PRNGKey(0), graph)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        jax.clear_caches()  # JAX keeps the traces of a custom_vjp's primal
+        couplings.clear()
+        results[order] = jax.jit(functools.partial(pot.predict, model, stress=True))(
+            params, state, graph)
+        assert not couplings, order
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(results["hybrid"][key], results["weights_first"][key],
+                                   rtol=1e-12, atol=1e-14)
 
 
 def test_permutation_of_atoms(conservative):
