@@ -1,10 +1,10 @@
 """Shared machinery of the fuzz tests (tests/test_fuzz_*.py): budgets, mutations, oracles, counts.
 
 Budgets. Hypothesis profiles: ``segnn-default`` (a small example budget, every test run) and
-``segnn-large`` (the large campaign), chosen with ``SEGNN_FUZZ=large`` in the environment. The default
-profile is derandomised: every run of the default suite draws the same examples, so a commit passes or
-fails the same way each time. New inputs are explored by the large campaign, whose draws differ from
-run to run::
+``segnn-large`` (the large campaign), chosen with ``SEGNN_FUZZ=large`` in the environment. The
+default profile is derandomised: every run of the default suite draws the same examples, so a
+commit passes or fails the same way each time. The large campaign explores new inputs, its draws
+differ from run to run::
 
     SEGNN_FUZZ=large python -m pytest -m "not slow" -p no:randomly tests/test_fuzz_*.py
 
