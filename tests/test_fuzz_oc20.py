@@ -154,6 +154,19 @@ def test_rebuild_tensor_with_non_finite_geometry_is_malformed(size, stride, offs
         _rebuild_tensor_v2(np.zeros(3), offset, size, stride)
 
 
+@pytest.mark.parametrize("size, stride", [((10**5, 10**5), (0, 0)), ((4, 3), (0, 1))])
+def test_rebuild_tensor_refuses_views_larger_than_their_storage(size, stride):
+    """Regression: a fuzzed pickle with a stride-0 view of a huge size was copied element by
+    element (gigabytes from a few bytes; the test's hang limit fired). A view can read no more
+    elements than its storage holds; a transposed one still rebuilds."""
+    from segnn_jax.datasets.safe_pickle import _rebuild_tensor_v2
+
+    with no_hang(5), pytest.raises(MalformedPickleError, match="more than the 3 its storage"):
+        _rebuild_tensor_v2(np.arange(3.0), 0, size, stride)
+    transposed = _rebuild_tensor_v2(np.arange(6.0), 0, (3, 2), (1, 3))
+    np.testing.assert_array_equal(transposed, np.arange(6.0).reshape(2, 3).T)
+
+
 @functools.cache
 def _aselmdb_bytes():
     pytest.importorskip("ase_db_backends", reason="ase-db-backends is not installed")

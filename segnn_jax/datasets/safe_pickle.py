@@ -14,13 +14,16 @@ over ``torch.storage._load_from_bytes`` blobs (legacy torch format with
 ``torch.<Type>Storage`` storages, views included), ``torch.Size``,
 ``collections.OrderedDict`` and the ``torch_geometric`` ``Data`` /
 ``DataEdgeAttr`` / ``DataTensorAttr`` / ``GlobalStorage`` classes of PyG 1.x
-and 2.x.
+and 2.x. A tensor is rebuilt as a bounds-checked copy of its storage; views that
+read more elements than their storage holds (stride 0, overlaps) are refused as
+malformed, so no pickle expands to more memory than its own size.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 from typing import Any
 
@@ -243,6 +246,17 @@ def _rebuild_tensor_v2(
         raise MalformedPickleError(f"negative storage offset {storage_offset}")
     if 0 in size:
         return np.zeros(size, dtype=storage.dtype)
+    # A view with more elements than its storage holds past the offset reads some of them more
+    # than once (stride 0, overlaps): copying it would let a few bytes of pickle expand to any size
+    # (a mutated stride and size made one fuzzed pickle allocate gigabytes). Saved data tensors are
+    # never such views.
+    numel, available = math.prod(size), max(storage.size - storage_offset, 0)
+    if numel > available:
+        raise MalformedPickleError(
+            f"tensor of size {size} stride {stride} has {numel} elements, more than the "
+            f"{available} its storage holds from offset {storage_offset} (overlapping or "
+            "stride-0 views are refused)"
+        )
     # as_strided does no bounds checking, so check that the last element lies inside the storage.
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
