@@ -207,7 +207,7 @@ def test_profile_ops_groups_operation_kinds():
         assert profile_ops.group_of(kind) == "elementwise", kind
 
 
-def test_profile_ops_sums_operations_per_step_and_skips_runtime_events(tmp_path):
+def test_profile_ops_sums_operations_per_step_and_skips_runtime_and_loop_events(tmp_path):
     import gzip
 
     from benchmarks import profile_ops
@@ -218,6 +218,7 @@ def test_profile_ops_sums_operations_per_step_and_skips_runtime_events(tmp_path)
         {"ph": "X", "name": "end: dot.1", "dur": 5},
         {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
         {"ph": "X", "name": "$api.py:1 block_until_ready", "dur": 9000},
+        {"ph": "X", "name": "while.3", "dur": 4000},  # spans its body's dot.2 and concatenate.7
         {"ph": "i", "name": "dot.3"},
     ]
     path = tmp_path / "t.trace.json.gz"
