@@ -14,9 +14,11 @@ over ``torch.storage._load_from_bytes`` blobs (legacy torch format with
 ``torch.<Type>Storage`` storages, views included), ``torch.Size``,
 ``collections.OrderedDict`` and the ``torch_geometric`` ``Data`` /
 ``DataEdgeAttr`` / ``DataTensorAttr`` / ``GlobalStorage`` classes of PyG 1.x
-and 2.x. A tensor is rebuilt as a bounds-checked copy of its storage; views that
+and 2.x. A tensor is rebuilt as a bounds-checked copy of its storage. Views that
 read more elements than their storage holds (stride 0, overlaps) are refused as
-malformed, so no pickle expands to more memory than its own size.
+malformed, and so are pickles whose rebuilt tensors would exceed twice the
+pickle's size plus 1 MiB (a storage named again and again), so a small file
+cannot expand to any size.
 """
 
 from __future__ import annotations
@@ -291,15 +293,46 @@ _ALLOWED = {
 }
 
 
+_TENSOR_BUILDERS = {_rebuild_tensor_v2, _rebuild_tensor}
+# Rebuilt tensors may hold at most this multiple of the pickle's size, plus _SLACK_BYTES (views
+# of one storage may each copy part of it; real entries stay near 1x).
+_TENSOR_BYTES_PER_PICKLE_BYTE = 2
+_SLACK_BYTES = 1 << 20
+
+
 class _RestrictedUnpickler(_NoGlobalsUnpickler):
+    """Resolves only the allow-list, and bounds the bytes of the tensors it rebuilds: every tensor
+    is a copy of (part of) a storage, and a pickle can name one storage again and again for a few
+    bytes each, which would make a small file expand to any size."""
+
+    def __init__(self, file: io.BytesIO, size: int) -> None:
+        super().__init__(file)
+        self.tensor_budget = _TENSOR_BYTES_PER_PICKLE_BYTE * size + _SLACK_BYTES
+        self.tensor_bytes = 0
+
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            found = _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafePickleError(
                 f"refusing to load global {module}.{name} from a pickle: only torch tensor and "
                 "torch_geometric Data reconstruction is allowed"
             ) from None
+        return self._budgeted(found) if found in _TENSOR_BUILDERS else found
+
+    def _budgeted(self, build):
+        def rebuild(*args: Any) -> np.ndarray:
+            tensor = build(*args)
+            self.tensor_bytes += tensor.nbytes
+            if self.tensor_bytes > self.tensor_budget:
+                raise MalformedPickleError(
+                    f"the tensors rebuilt from this pickle exceed {self.tensor_budget} bytes "
+                    f"({_TENSOR_BYTES_PER_PICKLE_BYTE}x its size plus {_SLACK_BYTES}): it names "
+                    "its storages over and over"
+                )
+            return tensor
+
+        return rebuild
 
 
 def safe_loads(data: bytes) -> Any:
@@ -314,10 +347,11 @@ def safe_loads(data: bytes) -> Any:
 
     Raises:
         UnsafePickleError: the pickle names a callable outside the allow-list.
-        MalformedPickleError: the pickle or a tensor blob inside it is corrupt.
+        MalformedPickleError: the pickle or a tensor blob inside it is corrupt, or its tensors
+            would exceed twice its size plus 1 MiB.
     """
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return _RestrictedUnpickler(io.BytesIO(data), len(data)).load()
     except (UnsafePickleError, MalformedPickleError):
         raise
     except (
