@@ -187,6 +187,24 @@ def test_pickle_naming_a_storage_over_and_over_is_refused():
         safe_loads(bomb)
 
 
+def test_pickle_of_nested_repeated_references_is_refused():
+    """A "billion laughs" pickle: a list of ten references to a list of ten references ... (10
+    levels: 10^10 items in 260 bytes), which np.asarray would try to materialise, is refused;
+    three levels pass."""
+
+    def laughs(levels: int) -> bytes:
+        body = b"K\x01q\x000"  # the int 1, in memo 0, popped
+        for level in range(1, levels + 1):  # MARK, ten references to the level below, LIST
+            body += b"(" + (b"h" + bytes([level - 1])) * 10 + b"lq" + bytes([level]) + b"0"
+        return b"\x80\x02" + body + b"h" + bytes([levels]) + b"."
+
+    assert np.asarray(safe_loads(laughs(3))).shape == (10, 10, 10)
+    bomb = laughs(10)
+    assert len(bomb) == 260
+    with pytest.raises(MalformedPickleError, match="over and over"):
+        safe_loads(bomb)
+
+
 @pytest.mark.parametrize("global_name", [b"builtins\neval", b"subprocess\nPopen", b"torch\nload"])
 def test_other_globals_are_refused(global_name):
     with pytest.raises(UnsafePickleError):

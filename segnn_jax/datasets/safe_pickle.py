@@ -17,8 +17,9 @@ over ``torch.storage._load_from_bytes`` blobs (legacy torch format with
 and 2.x. A tensor is rebuilt as a bounds-checked copy of its storage. Views that
 read more elements than their storage holds (stride 0, overlaps) are refused as
 malformed, and so are pickles whose rebuilt tensors would exceed twice the
-pickle's size plus 1 MiB (a storage named again and again), so a small file
-cannot expand to any size.
+pickle's size plus 1 MiB (a storage named again and again) or whose containers,
+walked as a tree, hold over four items per pickle byte plus 10,000 (nested lists
+of repeated references), so a small file cannot expand to any size.
 """
 
 from __future__ import annotations
@@ -335,6 +336,47 @@ class _RestrictedUnpickler(_NoGlobalsUnpickler):
         return rebuild
 
 
+# Containers may name their items (memo references) many times; walked as a tree, the
+# unpickled object may hold at most this many items per pickle byte, plus _SLACK_ELEMENTS.
+_ELEMENTS_PER_PICKLE_BYTE = 4
+_SLACK_ELEMENTS = 10_000
+
+
+def _check_expanded_size(obj: Any, limit: int) -> None:
+    """Refuses an object whose containers, walked as a tree, hold more than ``limit`` items.
+
+    A pickle can build a list of ten references to a list of ten references to ... in a few
+    bytes per level: ten levels name 10^10 items, which ``np.asarray`` would then try to
+    materialise. Sizes are memoised per object, so the walk visits each object once.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(item: Any) -> int:
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        if isinstance(item, PickledObject):
+            children = list(item.state.items())
+        elif isinstance(item, dict):
+            children = list(item.items())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = list(item)
+        else:
+            return 1
+        sizes[key] = 1  # a cycle counts once
+        total = 1 + sum(size(child) for child in children)
+        if total > limit:
+            raise MalformedPickleError(
+                f"the unpickled containers hold over {limit} items when expanded "
+                f"({_ELEMENTS_PER_PICKLE_BYTE} per pickle byte plus {_SLACK_ELEMENTS}): "
+                "the pickle names its items over and over"
+            )
+        sizes[key] = total
+        return total
+
+    size(obj)
+
+
 def safe_loads(data: bytes) -> Any:
     """Unpickle torch / torch_geometric objects into NumPy without running foreign code.
 
@@ -347,11 +389,14 @@ def safe_loads(data: bytes) -> Any:
 
     Raises:
         UnsafePickleError: the pickle names a callable outside the allow-list.
-        MalformedPickleError: the pickle or a tensor blob inside it is corrupt, or its tensors
-            would exceed twice its size plus 1 MiB.
+        MalformedPickleError: the pickle or a tensor blob inside it is corrupt, or it would
+            expand beyond its size (tensors over twice its size plus 1 MiB, containers over
+            four items per byte plus 10,000 when walked as a tree).
     """
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), len(data)).load()
+        result = _RestrictedUnpickler(io.BytesIO(data), len(data)).load()
+        _check_expanded_size(result, _ELEMENTS_PER_PICKLE_BYTE * len(data) + _SLACK_ELEMENTS)
+        return result
     except (UnsafePickleError, MalformedPickleError):
         raise
     except (
