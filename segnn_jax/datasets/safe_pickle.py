@@ -264,7 +264,8 @@ def _rebuild_tensor_v2(
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
         raise MalformedPickleError(
-            f"tensor of size {size} stride {stride} offset {storage_offset} exceeds its storage of {storage.size}"
+            f"tensor of size {size} stride {stride} offset {storage_offset} exceeds its storage "
+            f"of {storage.size}"
         )
     base = storage[storage_offset:]
     view = np.lib.stride_tricks.as_strided(
