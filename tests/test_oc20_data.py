@@ -158,7 +158,7 @@ def test_malicious_pickle_inside_tensor_blob_is_refused(tmp_path):
 
 def _storage_bomb(blob: bytes, numel: int, references: int) -> bytes:
     """A protocol-3 pickle: the storage ``_load_from_bytes(blob)`` rebuilt as a whole tensor
-    ``references`` times (a memo reference and 17 bytes each)."""
+    ``references`` times, 18 bytes each."""
     tensor = (b"h\x01(h\x00K\x00J" + numel.to_bytes(4, "little") + b"\x85K\x01\x85tR")
     return (b"\x80\x03ctorch.storage\n_load_from_bytes\nB" + len(blob).to_bytes(4, "little")
             + blob + b"\x85Rq\x000ctorch._utils\n_rebuild_tensor_v2\nq\x010]("
@@ -181,7 +181,7 @@ def test_pickle_naming_a_storage_over_and_over_is_refused():
     storage = _load_from_bytes(blob)
     few = safe_loads(_storage_bomb(blob, storage.size, 3))
     assert len(few) == 3 and all(np.array_equal(t, storage) for t in few)
-    bomb = _storage_bomb(blob, storage.size, 2000)  # 46 kB naming 24 MB of tensors
+    bomb = _storage_bomb(blob, storage.size, 2000)  # 48 kB naming 24 MB of tensors
     assert 2000 * storage.nbytes > 2 * len(bomb) + 2**20
     with pytest.raises(MalformedPickleError, match="over and over"):
         safe_loads(bomb)
