@@ -205,6 +205,22 @@ def test_pickle_of_nested_repeated_references_is_refused():
         safe_loads(bomb)
 
 
+@pytest.mark.parametrize("opcodes", [b"\x96" + (2**33).to_bytes(8, "little") + b"ab",
+                                     b"\x96" + (2).to_bytes(8, "little") + b"ab\x98",
+                                     b"\x97"])
+def test_protocol_5_buffer_opcodes_are_refused(opcodes):
+    """BYTEARRAY8 (CPython allocates its declared size, 8 GB here, before reading it),
+    READONLY_BUFFER and NEXT_BUFFER never occur in torch or PyG pickles; they are refused before
+    the C unpickler runs, also inside a tensor blob."""
+    refused = "opcode (BYTEARRAY8|NEXT_BUFFER)|bytes in a bytearray8"  # declared size unread
+    with pytest.raises(MalformedPickleError, match=refused):
+        safe_loads(b"\x80\x05" + opcodes + b".")
+    from segnn_jax.datasets.safe_pickle import _load_from_bytes
+
+    with pytest.raises(MalformedPickleError, match=refused):
+        _load_from_bytes(b"\x80\x05" + opcodes + b".")
+
+
 @pytest.mark.parametrize("global_name", [b"builtins\neval", b"subprocess\nPopen", b"torch\nload"])
 def test_other_globals_are_refused(global_name):
     with pytest.raises(UnsafePickleError):

@@ -28,6 +28,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 from typing import Any
 
 import numpy as np
@@ -121,8 +122,31 @@ class _StorageType:
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
+# Protocol-5 opcodes that no torch / PyG pickle uses. CPython's C unpickler allocates a
+# BYTEARRAY8's declared size before reading it, and on truncated input frees the bytearray
+# while a view of it is still exported ("SystemError: deallocated bytearray object has exported
+# buffers"); the large fuzz campaign lost a worker process while such inputs were drawn.
+_REFUSED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
+
+
 class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global and every persistent id."""
+    """Unpickler that refuses every global and every persistent id, and, before loading, scans
+    the pickle's opcodes (without running them) for :data:`_REFUSED_OPCODES`."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._file = file
+
+    def load(self) -> Any:
+        start = self._file.tell()
+        for opcode, _, position in pickletools.genops(self._file):
+            if opcode.name in _REFUSED_OPCODES:
+                raise MalformedPickleError(
+                    f"pickle opcode {opcode.name} at byte {position} is refused (protocol-5 "
+                    "buffers never occur in torch or PyG pickles)"
+                )
+        self._file.seek(start)
+        return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
         raise UnsafePickleError(f"refusing to load global {module}.{name!s} from a pickle")
