@@ -125,7 +125,7 @@ class _StorageType:
 # Protocol-5 opcodes that no torch / PyG pickle uses. CPython's C unpickler allocates a
 # BYTEARRAY8's declared size before reading it, and on truncated input frees the bytearray
 # while a view of it is still exported ("SystemError: deallocated bytearray object has exported
-# buffers"); the large fuzz campaign lost a worker process while such inputs were drawn.
+# buffers"). A large fuzz campaign printed that error, and one of its workers died.
 _REFUSED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
 
 
