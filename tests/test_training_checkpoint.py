@@ -1,5 +1,7 @@
 """Checkpoints of segnn_jax.training.checkpoint: round trip, retention, corruption and fallback."""
 
+import json
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -59,6 +61,37 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
     # An unreadable manifest makes the directory an interrupted save: it is not even listed.
     state, _, step = manager.restore_latest(_tree(0.0))
     assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("edit", [("float32", "gloat32"), ("[\n    3,", "[\n    4,"),
+                                  ('"epoch": 2', '"epoch": 7')])
+def test_altered_manifest_is_corrupt_and_falls_back(tmp_path, edit):
+    """Regression (large fuzz campaign): one damaged byte of a dtype in the manifest read as a
+    checkpoint of another model, so restore_latest stopped instead of using the previous one."""
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.save(_tree(1.0), step=1, loop_state={"epoch": 1})
+    path = manager.save(_tree(2.0), step=2, loop_state={"epoch": 2})
+    manifest = path / "segnn_manifest.json"
+    text = manifest.read_text()
+    assert edit[0] in text
+    manifest.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(CorruptCheckpointError, match="manifest is altered"):
+        manager.restore(_tree(0.0), 2)
+    state, loop_state, step = manager.restore_latest(_tree(0.0))
+    assert step == 1 and loop_state == {"epoch": 1}
+    assert float(state["params"]["w"][0, 0]) == 1.0
+
+
+def test_format_1_manifest_without_its_own_digest_still_restores(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    path = manager.save(_tree(2.0), step=2, loop_state={"epoch": 2})
+    manifest = path / "segnn_manifest.json"
+    saved = json.loads(manifest.read_text())
+    del saved["manifest_sha256"]
+    saved["format"] = "segnn_jax.checkpoint/1"
+    manifest.write_text(json.dumps(saved))
+    state, loop_state = manager.restore(_tree(0.0), 2)
+    assert loop_state == {"epoch": 2} and float(state["params"]["w"][0, 0]) == 2.0
 
 
 def test_all_corrupt_is_a_clear_error(tmp_path):

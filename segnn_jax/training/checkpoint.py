@@ -5,12 +5,14 @@ Layout of a checkpoint directory::
     checkpoints/
         step_000001200/            orbax payload (orbax writes it to a temporary name, then renames)
             segnn_manifest.json    written last, atomically: leaf paths, shapes, dtypes, the SHA-256
-                                   of every payload file, the step and the loop state
+                                   of every payload file, the step, the loop state, and the
+                                   SHA-256 of all of these (the manifest checks itself)
         step_000001500/
         best.json                  {"step": ..., "metric": ...}, written atomically
 
 A step directory without a manifest is an interrupted save and is ignored. On restore every payload
-file is re-hashed; a missing, truncated or altered file raises :class:`CorruptCheckpointError`, and
+file is re-hashed, and so is the manifest; a missing, truncated or altered file (the manifest
+included) raises :class:`CorruptCheckpointError`, and
 :meth:`CheckpointManager.restore_latest` then falls back to the previous good checkpoint (the
 manager keeps ``keep >= 2`` recent ones, plus the best).
 
@@ -41,7 +43,10 @@ __all__ = ["CheckpointError", "CheckpointManager", "CorruptCheckpointError", "at
 _log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 _MANIFEST = "segnn_manifest.json"
-_FORMAT = "segnn_jax.checkpoint/1"
+_FORMAT = "segnn_jax.checkpoint/2"
+# Manifests of format 1 have no digest of their own; they are still restored, checked as before.
+_FORMAT_WITHOUT_DIGEST = "segnn_jax.checkpoint/1"
+_MANIFEST_DIGEST = "manifest_sha256"
 
 
 class CheckpointError(OSError):
@@ -88,6 +93,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _manifest_digest(manifest: Dict[str, Any]) -> str:
+    """SHA-256 of a manifest's entries other than its own digest, in a canonical JSON form."""
+    entries = {key: value for key, value in manifest.items() if key != _MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def _payload_files(directory: Path) -> List[Path]:
@@ -149,8 +160,8 @@ class CheckpointManager:
         if free < needed:
             raise CheckpointError(
                 f"{self.directory}: {free / 1e6:.1f} MB free, but the checkpoints of this "
-                f"{nbytes / 1e6:.1f} MB state need about {needed / 1e6:.1f} MB ({self.keep} recent, "
-                f"the best and one being written)")
+                f"{nbytes / 1e6:.1f} MB state need about {needed / 1e6:.1f} MB "
+                f"({self.keep} recent, the best and one being written)")
 
     def _checkpointer(self):
         import orbax.checkpoint as ocp
@@ -219,6 +230,7 @@ class CheckpointManager:
             "files": {str(f.relative_to(target)): _sha256(f) for f in _payload_files(target)},
             "loop_state": loop_state or {},
         }
+        manifest[_MANIFEST_DIGEST] = _manifest_digest(manifest)
         atomic_write_text(target / _MANIFEST, json.dumps(manifest, indent=1))
         if best_metric is not None:
             atomic_write_text(self.directory / "best.json",
@@ -275,12 +287,19 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(
                 f"{manifest_path}: missing or unreadable manifest ({e})") from e
-        if manifest.get("format") != _FORMAT:
+        if manifest.get("format") not in (_FORMAT, _FORMAT_WITHOUT_DIGEST):
             # Corrupt for restore_latest's purposes: a damaged manifest reads like this too, and
             # the previous checkpoint is then the one to use (the warning names this one).
             raise CorruptCheckpointError(
                 f"{manifest_path}: unknown format {manifest.get('format')!r} (expected "
                 f"{_FORMAT!r}: damaged, or written by another version of segnn_jax)")
+        # Without this, a damaged byte in a dtype or shape of the manifest read as a checkpoint of
+        # another model (CheckpointError), and restore_latest stopped there instead of falling
+        # back to the previous good checkpoint.
+        if (manifest["format"] == _FORMAT
+                and manifest.get(_MANIFEST_DIGEST) != _manifest_digest(manifest)):
+            raise CorruptCheckpointError(
+                f"{manifest_path}: the manifest is altered (its SHA-256 does not match)")
         for name, digest in files.items():
             f = path / name
             if not f.is_file():
