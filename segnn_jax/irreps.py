@@ -9,7 +9,8 @@ import e3nn_jax as e3nn
 
 from segnn_jax.tensor_product import tensor_product_paths
 
-__all__ = ["balanced_irreps", "count_tensor_product_weights", "weight_balanced_irreps"]
+__all__ = ["balanced_irreps", "count_tensor_product_weights", "gate_irreps",
+           "weight_balanced_irreps"]
 
 
 def _irrep_types(lmax: int, sh_type: bool) -> list:
@@ -83,3 +84,15 @@ def weight_balanced_irreps(
     while count_tensor_product_weights(candidate(n), irreps_attr, candidate(n)) < target:
         n += 1
     return candidate(n)
+
+
+def gate_irreps(irreps_out) -> e3nn.Irreps:
+    """Irreps a gated layer must produce for ``irreps_out``: scalars, a gate per other irrep, rest.
+
+    >>> gate_irreps("32x0e+32x1o")
+    64x0e+32x1o
+    """
+    irreps_out = e3nn.Irreps(irreps_out).regroup()
+    scalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir == e3nn.Irrep("0e")])
+    gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
+    return (scalars + e3nn.Irreps(f"{gated.num_irreps}x0e") + gated).simplify()

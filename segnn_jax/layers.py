@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segnn_jax import edge_frame
 from segnn_jax import tensor_product as tp
+from segnn_jax.irreps import gate_irreps
 from segnn_jax.tensor_product_cue import product_function
 
 __all__ = ["O3TensorProduct", "O3TensorProductGate", "gate", "gate_irreps"]
@@ -99,21 +101,9 @@ class O3TensorProduct(hk.Module):
         With ``row_tile`` set, all of it runs tile by tile (:func:`segnn_jax.tensor_product.tiled_rows`).
         """
         segments = _as_segments(x1)
-        spec = tp.make_spec([_segment_irreps(s) for s in segments],
-                            None if x2 is None else x2.irreps, self.irreps_out)
-        dtype = _segment_dtype(segments[0])
-        # At initialisation every path takes its slice of one draw (see tp.init_weights).
-        drawn = (tp.init_weights(hk.next_rng_key(), spec, self.weight_init, dtype)
-                 if hk.running_init() else None)
-        weights = [
-            hk.get_parameter(spec.path_name(n), shape, dtype,
-                             lambda shape, dtype, n=n: drawn[n].astype(dtype))
-            for n, shape in enumerate(spec.weight_shapes)
-        ]
-        n_scalars = sum(mul for mul, ir in spec.irreps_out if ir == e3nn.Irrep("0e"))
-        bias = None
-        if self.biases and n_scalars > 0:
-            bias = hk.get_parameter("b", (n_scalars,), dtype, hk.initializers.Constant(0.0))
+        spec, weights, bias = self._parameters([_segment_irreps(s) for s in segments],
+                                               None if x2 is None else x2.irreps,
+                                               _segment_dtype(segments[0]))
 
         def rows(segments, x2):
             if self.contraction_order == "couple_first":  # every backend's signature
@@ -126,6 +116,39 @@ class O3TensorProduct(hk.Module):
             return out if epilogue is None else epilogue(out)
 
         return tp.tiled_rows(rows, segments, x2, self.row_tile)
+
+    def in_frame(self, x1: edge_frame.FrameArray, frame: edge_frame.EdgeFrame,
+                 epilogue: Optional[Callable[[edge_frame.FrameArray], edge_frame.FrameArray]] = None
+                 ) -> edge_frame.FrameArray:
+        """The same product of edge features with the edge attributes, computed in the edge
+        frame (:mod:`segnn_jax.edge_frame`): ``x1`` rotated into it, the result left there.
+
+        The parameters are those :meth:`__call__` creates for segments of ``x1.segments`` and
+        ``x2`` of ``frame.attribute_irreps``; ``backend`` and ``row_tile`` do not apply.
+        """
+        spec, weights, bias = self._parameters(list(x1.segments), frame.attribute_irreps,
+                                               x1.parts[0].dtype)
+        out = edge_frame.product(spec, weights, x1, frame, self.compute_dtype)
+        if bias is not None:
+            out = edge_frame.add_scalar_biases(out, bias)
+        return out if epilogue is None else epilogue(out)
+
+    def _parameters(self, segment_irreps, x2_irreps, dtype):
+        """``(spec, weights, bias or None)`` of ``concat(segments) x x2 -> irreps_out``."""
+        spec = tp.make_spec(segment_irreps, x2_irreps, self.irreps_out)
+        # At initialisation every path takes its slice of one draw (see tp.init_weights).
+        drawn = (tp.init_weights(hk.next_rng_key(), spec, self.weight_init, dtype)
+                 if hk.running_init() else None)
+        weights = [
+            hk.get_parameter(spec.path_name(n), shape, dtype,
+                             lambda shape, dtype, n=n: drawn[n].astype(dtype))
+            for n, shape in enumerate(spec.weight_shapes)
+        ]
+        n_scalars = sum(mul for mul, ir in spec.irreps_out if ir == e3nn.Irrep("0e"))
+        bias = None
+        if self.biases and n_scalars > 0:
+            bias = hk.get_parameter("b", (n_scalars,), dtype, hk.initializers.Constant(0.0))
+        return spec, weights, bias
 
 
 def _check_row_tile(row_tile: Optional[int]) -> Optional[int]:
@@ -151,18 +174,6 @@ def _add_scalar_biases(x: e3nn.IrrepsArray, bias: jnp.ndarray) -> e3nn.IrrepsArr
         else:
             pieces.append(jnp.zeros((mul * ir.dim,), x.dtype))
     return e3nn.IrrepsArray(x.irreps, x.array + jnp.concatenate(pieces))
-
-
-def gate_irreps(irreps_out) -> e3nn.Irreps:
-    """Irreps a gated layer must produce for ``irreps_out``: scalars, one gate per other irrep, rest.
-
-    >>> gate_irreps("32x0e+32x1o")
-    64x0e+32x1o
-    """
-    irreps_out = e3nn.Irreps(irreps_out).regroup()
-    scalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir == e3nn.Irrep("0e")])
-    gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
-    return (scalars + e3nn.Irreps(f"{gated.num_irreps}x0e") + gated).simplify()
 
 
 def gate(x: e3nn.IrrepsArray, irreps_out) -> e3nn.IrrepsArray:
@@ -224,3 +235,9 @@ class O3TensorProductGate(hk.Module):
 
     def __call__(self, x1: Inputs, x2: Optional[e3nn.IrrepsArray] = None) -> e3nn.IrrepsArray:
         return self.product(x1, x2, epilogue=lambda out: gate(out, self.irreps_out))
+
+    def in_frame(self, x1: edge_frame.FrameArray, frame: edge_frame.EdgeFrame
+                 ) -> edge_frame.FrameArray:
+        """:meth:`__call__` in the edge frame (see :meth:`O3TensorProduct.in_frame`)."""
+        return self.product.in_frame(x1, frame,
+                                     epilogue=lambda out: edge_frame.gate(out, self.irreps_out))

@@ -20,6 +20,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from segnn_jax import edge_frame as frames
 from segnn_jax.attributes import SteerableGraphsTuple
 from segnn_jax.graph import edge_mask as graph_edge_mask
 from segnn_jax.graph import graph_mask as graph_graph_mask
@@ -48,6 +49,7 @@ class _Context:
 
     def __init__(self, graph, n_nodes: int, edge_weights=None):
         self.edge_weights = edge_weights  # [E] or None
+        self.frame: Optional[frames.EdgeFrame] = None  # set by a network with edge_frame=True
         self.senders = graph.senders
         self.receivers = graph.receivers
         self.n_nodes = n_nodes
@@ -93,10 +95,14 @@ class SEGNNLayer(hk.Module):
         message_inputs = [(features, ctx.receivers), (features, ctx.senders)]
         if extra is not None:
             message_inputs.append(extra)
-        messages = O3TensorProductGate(self.hidden_irreps, name="message_1",
-                                       **self.tp_options)(message_inputs, edge_attr)
-        messages = O3TensorProductGate(self.hidden_irreps, name="message_2",
-                                       **self.tp_options)(messages, edge_attr)
+        first = O3TensorProductGate(self.hidden_irreps, name="message_1", **self.tp_options)
+        second = O3TensorProductGate(self.hidden_irreps, name="message_2", **self.tp_options)
+        if ctx.frame is None:
+            messages = second(first(message_inputs, edge_attr), edge_attr)
+        else:  # the same function, both products in the edge frame
+            in_frame = frames.to_frame(ctx.frame, message_inputs)
+            in_frame = second.in_frame(first.in_frame(in_frame, ctx.frame), ctx.frame)
+            messages = frames.from_frame(ctx.frame, in_frame)
         if self.norm == "batch":
             messages = BatchNorm(name="message_norm")(messages, ctx.edge_mask, is_training)
         messages = _weighted(messages, ctx)
@@ -140,7 +146,7 @@ class _SteerableNetwork(hk.Module):
                  backend: str = "e3nn",
                  scan_layers: bool = False, row_tile: Optional[int] = None,
                  compute_dtype: Optional[str] = None, contraction_order: str = "couple_first",
-                 name: Optional[str] = None):
+                 edge_frame: bool = False, name: Optional[str] = None):
         super().__init__(name=name)
         if task not in ("node", "graph"):
             raise ValueError(f"task must be 'node' or 'graph', got {task!r}")
@@ -163,6 +169,9 @@ class _SteerableNetwork(hk.Module):
         self.row_tile = row_tile
         self.compute_dtype = check_compute_dtype(compute_dtype)
         self.contraction_order = check_order(contraction_order)
+        if not isinstance(edge_frame, bool):
+            raise TypeError(f"edge_frame must be True or False, got {edge_frame!r}")
+        self.edge_frame = edge_frame
 
     def _layer_options(self) -> dict:
         """Constructor arguments of one message-passing layer (``layer_class`` is set by subclasses)."""
@@ -183,6 +192,9 @@ class _SteerableNetwork(hk.Module):
         """
         ctx = _Context(st_graph.graph, st_graph.node_features.shape[0], st_graph.edge_weights)
         _check_shapes(st_graph, ctx)
+        if self.edge_frame:
+            ctx.frame = frames.make_frame(st_graph.edge_attributes, ctx.edge_mask,
+                                          self.hidden_irreps.lmax)
         tp_options = dict(weight_init=self.weight_init, backend=self.backend,
                           row_tile=self.row_tile, compute_dtype=self.compute_dtype,
                           contraction_order=self.contraction_order)
@@ -261,6 +273,12 @@ class SEGNN(_SteerableNetwork):
         contraction_order: ``"couple_first"``, ``"weights_first"`` or ``"hybrid"`` in every
             tensor product (see :class:`segnn_jax.layers.O3TensorProduct`): the same function and
             parameters.
+        edge_frame: run the message tensor products in the edge frame
+            (:mod:`segnn_jax.edge_frame`): per order m one dense matrix multiply instead of the
+            Clebsch-Gordan coupling; the same function and parameters (to float rounding), for
+            edge attributes that are spherical harmonics of the edge directions. The messages of
+            a real edge whose attributes are not (a zero-length edge) are NaN. Forward and
+            backward of QM9's message products are 2-3x faster on a CPU.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs
@@ -300,7 +318,12 @@ class SEConvLayer(hk.Module):
     def __call__(self, features, edge_attr, node_attr, extra, ctx: _Context, is_training=False):
         inputs = [(features, ctx.senders)] + ([extra] if extra is not None else [])
         layer = O3TensorProductGate if self.nonlinear else O3TensorProduct
-        messages = layer(self.hidden_irreps, name="message", **self.tp_options)(inputs, edge_attr)
+        layer = layer(self.hidden_irreps, name="message", **self.tp_options)
+        if ctx.frame is None:
+            messages = layer(inputs, edge_attr)
+        else:  # the same function in the edge frame
+            messages = frames.from_frame(
+                ctx.frame, layer.in_frame(frames.to_frame(ctx.frame, inputs), ctx.frame))
         messages = _weighted(messages, ctx)
         features = features.regroup() + e3nn.scatter_sum(messages, dst=ctx.receivers,
                                                          output_size=ctx.n_nodes)

@@ -68,6 +68,7 @@ __all__ = [
     "init_bound",
     "init_weights",
     "make_spec",
+    "mixed_matmul",
     "split_chunks",
     "tensor_product",
     "tensor_product_paths",
@@ -265,7 +266,7 @@ _couple_components.defvjp(_couple_components_fwd, _couple_components_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _mixed_matmul(x: jnp.ndarray, w: jnp.ndarray, compute_dtype: str) -> jnp.ndarray:
+def mixed_matmul(x: jnp.ndarray, w: jnp.ndarray, compute_dtype: str) -> jnp.ndarray:
     """``x @ w`` for ``x [..., K]`` in ``compute_dtype`` and ``w [K, N]`` in the working dtype:
     ``w`` rounded to ``compute_dtype``, products accumulated and returned in ``w``'s dtype.
 
@@ -292,7 +293,7 @@ def _mixed_matmul_bwd(compute_dtype, residuals, dy):
     return dx, dw
 
 
-_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def checked_segments(spec: TensorProductSpec, x1: Sequence[Segment]
@@ -448,7 +449,7 @@ def tensor_product(
                 coupled.append(z.reshape(z.shape[:-2] + (-1,)))
                 blocks.append(jnp.swapaxes(w[start:stop], 0, 1).reshape(-1, mul_out))  # rows (v, u)
         if compute_dtype is not None:  # the long sum over input channels and paths: in float32
-            out = _mixed_matmul(jnp.concatenate(coupled, axis=-1), jnp.concatenate(blocks, axis=0),
+            out = mixed_matmul(jnp.concatenate(coupled, axis=-1), jnp.concatenate(blocks, axis=0),
                                 compute_dtype)  # [..., k, w]
         else:
             out = jnp.concatenate(coupled, axis=-1) @ jnp.concatenate(blocks, axis=0)
@@ -499,7 +500,7 @@ def _weights_first(spec: TensorProductSpec, weights: Sequence[jnp.ndarray],
             if compute_dtype is None:
                 y = flat @ columns[start:stop]
             else:
-                y = _mixed_matmul(flat, columns[start:stop], compute_dtype)
+                y = mixed_matmul(flat, columns[start:stop], compute_dtype)
             y = y.reshape(x.shape[:-1] + (columns.shape[1],))
             y = y if index is None else y[index]
             mixed = y if mixed is None else mixed + y

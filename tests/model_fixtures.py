@@ -34,7 +34,7 @@ def featurize(graph, positions=None, velocities=None, lmax=1):
 
 def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lmax=1, row_tile=None,
                compute_dtype=None, contraction_order="couple_first", scan_layers=False,
-               hidden=None):
+               hidden=None, edge_frame=False):
     """A transformed tiny network on raw graphs: ``apply(params, state, graph, pos, vel)``."""
     if hidden is None:
         hidden = "4x0e+2x1o" if lmax == 1 else "4x0e+2x1o+1x2e"
@@ -45,12 +45,13 @@ def make_model(network="segnn", task="node", norm=None, pool="avg", layers=2, lm
         if network == "segnn":
             model = sj.SEGNN(hidden, output, layers, task=task, norm=norm, pool=pool,
                              row_tile=row_tile, compute_dtype=compute_dtype,
-                             contraction_order=contraction_order, scan_layers=scan_layers)
+                             contraction_order=contraction_order, scan_layers=scan_layers,
+                             edge_frame=edge_frame)
         else:
             model = sj.SEConv(hidden, output, layers, task=task, norm=norm, pool=pool,
                               nonlinear=network == "seconv_nonlinear", row_tile=row_tile,
                               compute_dtype=compute_dtype, contraction_order=contraction_order,
-                              scan_layers=scan_layers)
+                              scan_layers=scan_layers, edge_frame=edge_frame)
         return model(inputs, is_training).array
 
     return hk.without_apply_rng(sj.transform_with_jitted_init(forward))

@@ -42,6 +42,10 @@ The section (see :func:`default_model_config`)::
                      (training) and couple first where it is only evaluated (evaluation,
                      prediction): QM9's config; no forward-mode autodiff (jax.jvp) through it
                      (backend "e3nn" only; benchmarks/README.md)
+    edge_frame       false (the default) | true: the message tensor products in the edge frame
+                     (segnn_jax.edge_frame), one dense matrix multiply per order m instead of the
+                     Clebsch-Gordan coupling: the same function and parameters; the messages of
+                     a zero-length real edge (coincident atoms) are then NaN
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
 them to :func:`create_model`.
@@ -81,6 +85,7 @@ _DEFAULTS: Dict[str, Any] = {
     "backend": "e3nn",
     "compute_dtype": None,
     "contraction_order": "couple_first",
+    "edge_frame": False,
 }
 
 _CHOICES = {
@@ -144,9 +149,9 @@ def validate_model_config(config: Any, *, name: str = "config.model") -> Dict[st
     _int_option(full, "lmax_hidden", name, 0)
     _int_option(full, "lmax_attr", name, 0)
     _int_option(full, "num_layers", name, 0)
-    if not isinstance(full["scan_layers"], bool):
-        raise ConfigError(
-            f"{name}.scan_layers: expected true or false, got {full['scan_layers']!r}")
+    for flag in ("scan_layers", "edge_frame"):
+        if not isinstance(full[flag], bool):
+            raise ConfigError(f"{name}.{flag}: expected true or false, got {full[flag]!r}")
     full["row_tile"] = _row_tile_option(full["row_tile"], name)
     full["compute_dtype"] = _compute_dtype_option(full["compute_dtype"], name)
     if full["compute_dtype"] is not None and full["backend"] != "e3nn":
@@ -210,7 +215,7 @@ def create_model(model_config: Any, *, output_irreps) -> Callable[[], hk.Module]
                   weight_init=cfg["weight_init"], scan_layers=cfg["scan_layers"],
                   backend=cfg["backend"],
                   row_tile=cfg["row_tile"], compute_dtype=cfg["compute_dtype"],
-                  contraction_order=cfg["contraction_order"])
+                  contraction_order=cfg["contraction_order"], edge_frame=cfg["edge_frame"])
 
     def factory() -> hk.Module:
         if cfg["name"] == "segnn":

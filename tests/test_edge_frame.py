@@ -1,0 +1,201 @@
+"""Message products in the edge frame (segnn_jax.edge_frame): the same function as the plain
+tensor product, its gradients, the check of the attributes, and the whole network with it."""
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import segnn_jax as sj
+from segnn_jax import edge_frame
+from segnn_jax import tensor_product as tp
+from segnn_jax.configs import qm9 as qm9_config
+from segnn_jax.layers import gate, gate_irreps
+from segnn_jax.tasks import models as model_configs
+from segnn_jax.training.config import ConfigError
+from model_fixtures import make_model, pad, random_graph, to_device
+
+
+def _directions(rng, n_random):
+    """Random directions and the awkward ones: the axes (the pole y among them) and both sides of
+    the switch between the two constructions of the rotation (|n_z| = 0.9)."""
+    special = [[0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0],
+               [0, np.sqrt(1 - 0.9001**2), 0.9001], [np.sqrt(1 - 0.8999**2), 0, -0.8999]]
+    vectors = np.concatenate([np.array(special), rng.normal(size=(n_random, 3))])
+    return vectors * rng.uniform(0.5, 2.0, size=(len(vectors), 1))
+
+
+def _close(actual, expected, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    error = float(np.max(np.abs(actual - expected))) / scale
+    assert error <= 1e-5, f"{what}: relative error {error:.1e}"
+
+
+# (features, attribute lmax, normalisation, output irreps, gated): the message products of the
+# shipped configs' kinds, and paths with l1 + l2 + l3 odd (1o x 1o -> 1e, into 0o and 2o).
+CASES = [
+    ("4x0e+2x1o+1x2e", 3, "component", "4x0e+2x1o+1x2e", True),
+    ("3x0e+2x1o", 1, "integral", "3x0e+2x1o", True),
+    ("2x0e+2x1o+1x1e", 2, "norm", "2x0e+1x0o+2x1o+2x1e+1x2o", False),
+]
+
+
+@pytest.mark.parametrize("features,lmax_attr,normalization,out,gated", CASES)
+def test_product_in_frame_is_the_tensor_product(features, lmax_attr, normalization, out, gated):
+    """Outputs and gradients (weights, features, positions) match the plain product to 1e-5,
+    for gathered segments (receiver, sender) and an extra scalar, as in a message."""
+    rng = np.random.default_rng(0)
+    n_nodes, vectors = 7, _directions(rng, 24)
+    n_edges = len(vectors)
+    senders = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    receivers = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    nodes = e3nn.normal(features, jax.random.PRNGKey(1), (n_nodes,))
+    vectors = jnp.asarray(vectors, jnp.float32)
+    irreps_out = gate_irreps(out) if gated else e3nn.Irreps(out)
+    attr_irreps = e3nn.Irreps.spherical_harmonics(lmax_attr)
+    spec = tp.make_spec([nodes.irreps, nodes.irreps, "1x0e"], attr_irreps, irreps_out)
+    weights = tp.init_weights(jax.random.PRNGKey(2), spec)
+    finish = (lambda y: gate(y, out)) if gated else (lambda y: y)
+    finish_in_frame = (lambda y: edge_frame.gate(y, out)) if gated else (lambda y: y)
+
+    def inputs(nodes, vectors):
+        attr = sj.edge_attributes(vectors, lmax_attr, normalization)
+        extra = e3nn.IrrepsArray("1x0e", jnp.sum(vectors**2, axis=-1, keepdims=True))
+        return [(nodes, receivers), (nodes, senders), extra], attr
+
+    def plain(weights, nodes, vectors):
+        segments, attr = inputs(nodes, vectors)
+        return finish(tp.tensor_product(spec, weights, segments, attr)).array
+
+    def in_frame(weights, nodes, vectors):
+        segments, attr = inputs(nodes, vectors)
+        frame = edge_frame.make_frame(attr, jnp.ones((n_edges,), bool), nodes.irreps.lmax)
+        x = edge_frame.to_frame(frame, segments)
+        return edge_frame.from_frame(frame, finish_in_frame(
+            edge_frame.product(spec, weights, x, frame))).array
+
+    _close(jax.jit(in_frame)(weights, nodes, vectors), jax.jit(plain)(weights, nodes, vectors),
+           "outputs")
+    probe = jax.random.normal(jax.random.PRNGKey(3), (n_edges, irreps_out.dim if not gated
+                                                      else e3nn.Irreps(out).dim))
+
+    def grads(fn):
+        def loss(*args):
+            return jnp.sum(jnp.sin(fn(*args)) * probe)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(weights, nodes, vectors)
+
+    expected, actual = grads(plain), grads(in_frame)
+    for n, (a, b) in enumerate(zip(actual[0], expected[0])):
+        _close(a, b, f"gradient of {spec.path_name(n)}")
+    _close(actual[1].array, expected[1].array, "gradient of the node features")
+    _close(actual[2], expected[2], "gradient of the edge vectors")
+
+
+def test_attributes_that_are_not_harmonics_of_a_direction_give_nan_on_real_edges_only():
+    """A zero-length real edge (coincident atoms) has attributes (1, 0, ...): its messages are
+    NaN rather than silently different; the same edge as padding is exempt."""
+    vectors = jnp.asarray([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.3, 2.0]])
+    attr = sj.edge_attributes(vectors, 2)
+    mask = jnp.asarray([True, True, False, True])
+    frame = edge_frame.make_frame(attr, mask, 1)
+    np.testing.assert_array_equal(frame.valid, [True, False, True, True])
+    features = e3nn.normal("2x0e+1x1o", jax.random.PRNGKey(0), (4,))
+    with jax.debug_nans(False):  # NaN is the documented result here
+        back = edge_frame.from_frame(frame, edge_frame.to_frame(frame, [features]))
+        back = np.asarray(back.array)
+    assert np.all(np.isnan(back[1])) and np.all(np.isfinite(back[[0, 2, 3]]))
+    # Rotating into the frame and back is the identity on the valid edges.
+    np.testing.assert_allclose(back[[0, 3]], np.asarray(features.array)[[0, 3]], atol=1e-6)
+
+
+def test_attributes_of_other_irreps_are_refused():
+    for irreps in ("1x0e+1x1o+1x1e", "1x0e", "2x0e+1x1o"):
+        attr = e3nn.IrrepsArray(irreps, jnp.ones((3, e3nn.Irreps(irreps).dim)))
+        with pytest.raises(ValueError, match="spherical harmonics"):
+            edge_frame.make_frame(attr, jnp.ones((3,), bool), 1)
+
+
+@pytest.mark.parametrize("network,task,norm,layers,lmax", [
+    ("segnn", "graph", "instance", 2, 2),  # scanned layers, as the QM9 config
+    ("seconv_nonlinear", "node", None, 1, 1),
+    ("seconv_linear", "node", None, 1, 1),
+])
+def test_network_in_edge_frame_is_the_same_network(keys, network, task, norm, layers, lmax):
+    """The same parameters give the same outputs and gradients with the messages in the edge
+    frame, padding edges included (26 nodes, 80 edges for 9 real nodes)."""
+    rng = np.random.default_rng(3)
+    batch = to_device(pad([random_graph(rng, 5), random_graph(rng, 4, kind="radius")], 26, 80, 3))
+    pos, vel = batch.nodes["positions"], batch.nodes["velocities"]
+    models = {flag: make_model(network, task, norm, layers=layers, lmax=lmax,
+                               scan_layers=layers > 1, edge_frame=flag,
+                               hidden="3x0e+2x1o+1x2e" if lmax == 2 else "3x0e+2x1o")
+              for flag in (False, True)}
+    params, state = models[False].init(next(keys), batch, pos, vel)
+    real = np.asarray(sj.node_mask(batch) if task == "node" else sj.graph_mask(batch))
+
+    def loss(params, positions, flag):
+        # Real rows only, as every loss: a padding edge (zero length) carries another message in
+        # the frame (its own attribute is not a direction's), which reaches padding nodes only.
+        out = models[flag].apply(params, state, batch, positions, vel)[0]
+        return jnp.sum(jnp.sin(out[real])), out
+
+    results = {flag: jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(
+        params, pos, flag) for flag in models}
+    (grads, out), (grads_frame, out_frame) = results[False], results[True]
+    _close(np.asarray(out_frame)[real], np.asarray(out)[real], "outputs")
+    leaves = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads[0])]
+    scale = max(float(np.max(np.abs(g))) for g in leaves)
+    for plain, framed in zip(leaves, jax.tree_util.tree_leaves(grads_frame[0])):
+        assert float(np.max(np.abs(np.asarray(framed) - plain))) <= 1e-5 * scale
+    _close(np.asarray(grads_frame[1])[np.asarray(sj.node_mask(batch))],
+           np.asarray(grads[1])[np.asarray(sj.node_mask(batch))], "gradient of the positions")
+
+
+def test_network_in_edge_frame_is_equivariant(keys):
+    rng = np.random.default_rng(0)
+    graph = to_device(pad([random_graph(rng, 5), random_graph(rng, 4)], 12, 40, 3))
+    model = make_model("segnn", "node", None, layers=1, lmax=2, edge_frame=True,
+                       hidden="3x0e+2x1o+1x2e")
+    pos, vel = graph.nodes["positions"], graph.nodes["velocities"]
+    params, state = model.init(next(keys), graph, pos, vel)
+    apply = jax.jit(lambda x, v: model.apply(params, state, graph, x, v)[0])
+    reference = apply(pos, vel)
+    real = np.asarray(sj.node_mask(graph))
+    for _ in range(2):
+        rotation = -e3nn.rand_matrix(next(keys), ())  # improper: a rotation and the inversion
+        shift = jax.random.normal(next(keys), (3,)) * 3
+        out = apply(pos @ rotation.T + shift, vel @ rotation.T)
+        expected = e3nn.IrrepsArray("1x1o", reference).transform_by_matrix(rotation).array
+        _close(np.asarray(out)[real], np.asarray(expected)[real], "rotated outputs")
+
+
+def test_coincident_atoms_give_nan_in_the_edge_frame_and_finite_values_without(keys):
+    rng = np.random.default_rng(1)
+    graph = random_graph(rng, 4)
+    positions = np.asarray(graph.nodes["positions"]).copy()
+    positions[1] = positions[0]
+    graph = to_device(pad([graph._replace(nodes=dict(graph.nodes, positions=positions))],
+                          8, 20, 2))
+    pos, vel = graph.nodes["positions"], graph.nodes["velocities"]
+    outputs = {}
+    for flag in (False, True):
+        model = make_model("segnn", "node", None, layers=1, edge_frame=flag)
+        with jax.debug_nans(False):  # NaN is the documented result with the edge frame
+            params, state = model.init(jax.random.PRNGKey(0), graph, pos, vel)
+            outputs[flag] = np.asarray(jax.jit(model.apply)(params, state, graph, pos, vel)[0])
+    real = np.asarray(sj.node_mask(graph))
+    assert np.all(np.isfinite(outputs[False][real]))
+    assert np.all(np.isnan(outputs[True][[0, 1]]))
+
+
+def test_edge_frame_flag_is_checked():
+    with pytest.raises(TypeError, match="edge_frame must be True or False"):
+        hk.transform(lambda: sj.SEGNN("4x0e+2x1o", "1x1o", 1, edge_frame="yes")).apply({}, None)
+    with pytest.raises(ConfigError, match=r"config\.model\.edge_frame: expected true or false"):
+        model_configs.validate_model_config({"edge_frame": "yes"})
+    assert model_configs.validate_model_config({})["edge_frame"] is False
+    assert qm9_config.get_config().model.edge_frame is True
