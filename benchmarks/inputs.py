@@ -68,6 +68,7 @@ CONFIGS: dict[str, dict] = {
         "n_graphs": 128,
         "cutoff": 2.0,
         "contraction_order": "hybrid",
+        "edge_frame": True,
         "compiler_options": {"xla_cpu_use_fusion_emitters": False},
     },
     "oc20": {

@@ -52,6 +52,7 @@ def build_ours(
     arrays: dict, spec: dict, dtype: str = "float32", seed: int = 0, row_tile=None,
     backend: str = "e3nn",
     scan_layers: bool = False, compute_dtype=None, contraction_order: Optional[str] = None,
+    edge_frame: Optional[bool] = None,
 ) -> common.ModelBench:
     """This project's SEGNN for configuration ``spec`` on the batch ``arrays``, ready to be timed.
 
@@ -71,6 +72,8 @@ def build_ours(
             ``SEGNN``); None or
             ``"config"``: the configuration's (``spec["contraction_order"]``, the faster one
             measured here).
+        edge_frame: the message products in the edge frame (see ``SEGNN``); None: the
+            configuration's (``spec["edge_frame"]``).
     """
     import e3nn_jax as e3nn
     import haiku as hk
@@ -88,6 +91,7 @@ def build_ours(
         jax.config.update("jax_enable_x64", True)
     n_nodes = len(arrays["positions"])
     contraction_order = resolve_contraction_order(contraction_order, spec, backend)
+    edge_frame = resolve_edge_frame(edge_frame, spec)
 
     def model(batch, is_training):
         graph = jraph.GraphsTuple(
@@ -138,6 +142,7 @@ def build_ours(
             backend=backend,
             compute_dtype=compute_dtype,
             contraction_order=contraction_order,
+            edge_frame=edge_frame,
         )
         return network(st_graph, is_training).array
 
@@ -196,12 +201,24 @@ def resolve_contraction_order(option: Optional[str], spec: dict, backend: str = 
         {"contraction_order": option, "backend": backend})["contraction_order"]
 
 
+def resolve_edge_frame(option, spec: dict) -> bool:
+    """The ``--edge-frame`` option: ``"on"``/``"off"`` (or a bool), ``"config"``/None take the
+    configuration's (``spec["edge_frame"]``, off where absent)."""
+    if option in (None, "config"):
+        return bool(spec.get("edge_frame", False))
+    if isinstance(option, bool):
+        return option
+    if option not in ("on", "off"):
+        raise ValueError(f"edge_frame must be 'config', 'on' or 'off', got {option!r}")
+    return option == "on"
+
+
 def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None,
-                        contraction_order=None):
+                        contraction_order=None, edge_frame=None):
     import jax
 
     bench = build_ours(arrays, spec, dtype, row_tile=None, compute_dtype=compute_dtype,
-                       contraction_order=contraction_order)
+                       contraction_order=contraction_order, edge_frame=edge_frame)
     lowered = jax.jit(bench.step_fn).lower(bench.params, bench.state, bench.opt_state, bench.batch)
     return common.cost_flops(lowered)
 
@@ -209,7 +226,7 @@ def _untiled_step_flops(arrays: dict, spec: dict, dtype: str, compute_dtype=None
 def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dict,
             row_tile: str = "none", scan_layers: bool = False, compute_dtype=None,
             backend: str = "e3nn", batches: Optional[Path] = None,
-            contraction_order: str = "config") -> dict:
+            contraction_order: str = "config", edge_frame: str = "config") -> dict:
     """All figures of one configuration, measured in this process."""
     arrays, spec = inputs.build_or_load(name, batches)
     record = {
@@ -223,11 +240,13 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         "tensor_product_backend": backend,
         "compute_dtype": resolve_compute_dtype(compute_dtype),
         "contraction_order": resolve_contraction_order(contraction_order, spec, backend),
+        "edge_frame": resolve_edge_frame(edge_frame, spec),
     }
     bench = build_ours(arrays, spec, dtype, backend=backend,
                        row_tile=record["row_tile"], scan_layers=scan_layers,
                        compute_dtype=record["compute_dtype"],
-                       contraction_order=record["contraction_order"])
+                       contraction_order=record["contraction_order"],
+                       edge_frame=record["edge_frame"])
     record["params"] = bench.n_params
     record["compiler_options"] = bench.compiler_options  # as resolved: what XLA compiled with
     forward = bench.compile("forward")
@@ -247,7 +266,7 @@ def measure(name: str, repeats: int, max_seconds: float, dtype: str, matmul: dic
         # XLA counts a loop body once, so a tiled or scanned step's estimate misses most of its
         # work: count the same function unrolled and untiled, from its lowering (no compilation).
         step["flops"] = _untiled_step_flops(arrays, spec, dtype, record["compute_dtype"],
-                                            record["contraction_order"])
+                                            record["contraction_order"], record["edge_frame"])
         record["flops_source"] = ("XLA cost analysis of the lowered unrolled, untiled training "
                                   "step (the same function)")
     if step["flops"] is not None:
@@ -269,6 +288,7 @@ def _child(args) -> None:
         args.child, args.repeats, args.max_seconds, args.dtype, json.loads(args.matmul),
         args.row_tile, args.scan_layers, args.compute_dtype,
         backend=args.backend, batches=args.batches, contraction_order=args.contraction_order,
+        edge_frame=args.edge_frame,
     )
     Path(args.child_out).write_text(json.dumps(record))
 
@@ -279,7 +299,8 @@ def _serve(args) -> None:
                             row_tile=resolve_row_tile(args.row_tile),
                             scan_layers=args.scan_layers,
                             compute_dtype=resolve_compute_dtype(args.compute_dtype),
-                            contraction_order=args.contraction_order))
+                            contraction_order=args.contraction_order,
+                            edge_frame=args.edge_frame))
 
 
 def _print_record(name: str, r: dict) -> None:
@@ -343,6 +364,11 @@ def main(argv=None) -> dict:
              "for all (a value of the model option contraction_order, e.g. hybrid)",
     )
     parser.add_argument(
+        "--edge-frame", default="config", choices=("config", "on", "off"),
+        help="message products in the edge frame: each configuration's (config, the default), "
+             "or on/off for all",
+    )
+    parser.add_argument(
         "--batches", type=Path, default=None,
         help="read the batches from DIR/NAME.npz (written by benchmarks/inputs.py --save) "
              "instead of building them here",
@@ -388,6 +414,7 @@ def main(argv=None) -> dict:
         "compute_dtype": args.compute_dtype,
         "batches": None if args.batches is None else str(args.batches),
         "contraction_order": args.contraction_order,
+        "edge_frame": args.edge_frame,
         "warmup_calls": 2,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -419,7 +446,7 @@ def main(argv=None) -> dict:
                     name, args.repeats, args.max_seconds, args.dtype, result["matmul_float32"],
                     args.row_tile, args.scan_layers, args.compute_dtype,
                     backend=args.backend, batches=args.batches,
-                    contraction_order=args.contraction_order,
+                    contraction_order=args.contraction_order, edge_frame=args.edge_frame,
                 )
             else:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -445,6 +472,8 @@ def main(argv=None) -> dict:
                         *(["--batches", str(args.batches)] if args.batches else []),
                         "--contraction-order",
                         args.contraction_order,
+                        "--edge-frame",
+                        args.edge_frame,
                         "--compute-dtype",
                         args.compute_dtype,
                         "--matmul",
