@@ -21,9 +21,11 @@ The result is the same function of the same parameters as :func:`segnn_jax.tenso
 .tensor_product` (to float rounding), whatever rotation about the pole is chosen (the products
 commute with those rotations). It holds only for attributes that are spherical harmonics of a unit
 vector (:func:`segnn_jax.attributes.edge_attributes`): :func:`make_frame` checks every real edge,
-and the messages of an edge whose attributes are not (a zero-length edge between coincident atoms
-has ``a_ij = (1, 0, ..., 0)``) are NaN, so that a wrong answer cannot pass unnoticed; padding
-edges are exempt.
+and the messages of an edge whose attributes are not are NaN, so that a wrong answer cannot pass
+unnoticed; padding edges are exempt. A real edge of zero length (coincident atoms) has no
+direction and the attribute ``(c_0, 0, ..., 0)``: in the frame it carries no message (the plain
+product gives it ``f(x, (c_0, 0, ...))``), which keeps values and gradients finite and the network
+equivariant; it is the one input on which the two differ.
 
 Shape letters: E edges, C channels, K sample directions.
 """
@@ -56,7 +58,9 @@ class EdgeFrame(NamedTuple):
         rotations: ``[E, 3, 3]``, ``R_ij`` with ``R_ij r_ij / |r_ij| = y``.
         poles: ``[lmax_attr + 1]``, ``c_l``: the attribute in the frame, shared by the real edges
             (their median).
-        valid: ``[E]``, False for a real edge whose attribute is not ``Y`` of a unit vector.
+        valid: ``[E]``, False for a real edge whose attribute is neither ``Y`` of a unit vector
+            nor that of a zero-length edge.
+        directed: ``[E]``, False for a real edge of zero length (attribute ``(c_0, 0, ...)``).
         attribute_irreps: irreps of the edge attributes.
     """
 
@@ -64,6 +68,7 @@ class EdgeFrame(NamedTuple):
     rotations: jnp.ndarray
     poles: jnp.ndarray
     valid: jnp.ndarray
+    directed: jnp.ndarray
     attribute_irreps: e3nn.Irreps
 
     def matrix(self, l: int) -> jnp.ndarray:
@@ -152,8 +157,9 @@ def make_frame(edge_attr: e3nn.IrrepsArray, edge_mask: jnp.ndarray, lmax: int) -
         ValueError: attributes that are not spherical harmonics.
     """
     lmax_attr = _check_attribute_irreps(edge_attr.irreps)
-    dtype = edge_attr.dtype
-    chunks = [chunk[:, 0, :] for chunk in edge_attr.chunks]  # [E, 2l+1] per order
+    # At least float32: half-precision attributes would make the rotations as coarse.
+    dtype = jnp.promote_types(edge_attr.dtype, jnp.float32)
+    chunks = [chunk[:, 0, :].astype(dtype) for chunk in edge_attr.chunks]  # [E, 2l+1] per order
     rotations = _rotations_to_pole(chunks[1])
     top = max(lmax, lmax_attr)
     directions, inverses = _sampling(top)
@@ -167,22 +173,28 @@ def make_frame(edge_attr: e3nn.IrrepsArray, edge_mask: jnp.ndarray, lmax: int) -
                                     harmonics[..., l * l:(l + 1) ** 2])
             wigner[l] = jnp.swapaxes(transposed, -1, -2)
     frame = EdgeFrame(wigner, rotations, jnp.zeros((lmax_attr + 1,), dtype),
-                      jnp.ones(edge_mask.shape, bool), edge_attr.irreps)
+                      jnp.ones(edge_mask.shape, bool), jnp.ones(edge_mask.shape, bool),
+                      edge_attr.irreps)
+    tolerance = max(1e-4, 100 * float(jnp.finfo(edge_attr.dtype).eps))
+    # A zero-length edge (coincident atoms) has the attribute (c_0, 0, ...): no direction.
+    scale = 1.0 + jnp.abs(chunks[0][:, 0])
+    degenerate = edge_mask & jnp.all(jnp.stack(
+        [jnp.max(jnp.abs(chunk), axis=-1) <= tolerance * scale for chunk in chunks[1:]]), axis=0)
     # The attribute in the frame: c_l on the pole component, zero elsewhere, on every real edge.
     in_frame = [chunks[0]] + [
         jnp.stack(_rotate(frame, l, _components(chunk[:, None, :])), axis=-1)[:, 0, :]
         for l, chunk in enumerate(chunks) if l > 0]
-    poles = jnp.stack([_masked_median(a[:, l], edge_mask) for l, a in enumerate(in_frame)])
-    tolerance = max(1e-4, 100 * float(jnp.finfo(dtype).eps))
+    directed = edge_mask & ~degenerate
+    poles = jnp.stack([_masked_median(a[:, l], directed) for l, a in enumerate(in_frame)])
     error = jnp.stack([jnp.max(jnp.abs(a - poles[l] * jax.nn.one_hot(l, 2 * l + 1, dtype=dtype)),
                                axis=-1) for l, a in enumerate(in_frame)], axis=-1)
-    valid = jnp.all(error <= tolerance * (1.0 + jnp.abs(poles)), axis=-1) | ~edge_mask
-    return frame._replace(poles=jax.lax.stop_gradient(poles), valid=valid)
+    valid = jnp.all(error <= tolerance * (1.0 + jnp.abs(poles)), axis=-1) | ~directed
+    return frame._replace(poles=jax.lax.stop_gradient(poles), valid=valid, directed=~degenerate)
 
 
 def _masked_median(values: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """The (lower) median of ``values`` where ``mask``, 0 if none: a few invalid edges (coincident
-    atoms) do not move it. Padding sorts last as +inf, not NaN, which ``jax.debug_nans`` flags."""
+    """The (lower) median of ``values`` where ``mask``, 0 if none: a few invalid edges do not
+    move it. Padding sorts last as +inf, not NaN, which ``jax.debug_nans`` flags."""
     count = jnp.sum(mask)
     ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
     median = ordered[jnp.maximum(count - 1, 0) // 2]
@@ -253,8 +265,8 @@ def _split_parts(x: FrameArray, irreps: e3nn.Irreps, leading: Dict[int, int]) ->
 
 
 def from_frame(frame: EdgeFrame, x: FrameArray) -> e3nn.IrrepsArray:
-    """Rotates features back from the edge frame: ``[E, x.irreps.dim]``, NaN on the edges that
-    are not valid (see :func:`make_frame`)."""
+    """Rotates features back from the edge frame: ``[E, x.irreps.dim]``; zero on real edges of
+    zero length, NaN on the edges that are not valid (see :func:`make_frame`)."""
     pieces = _split_parts(x, x.irreps, {})
     taken = {m: 0 for m in pieces}
     chunks = []
@@ -266,6 +278,7 @@ def from_frame(frame: EdgeFrame, x: FrameArray) -> e3nn.IrrepsArray:
         chunk = jnp.stack(_rotate(frame, ir.l, components, inverse=True), axis=-1)
         chunks.append(chunk.reshape(chunk.shape[0], mul * ir.dim))
     out = jnp.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
+    out = out * frame.directed.astype(out.dtype)[:, None]  # zero-length edges: no message
     # NaN on the invalid edges as (out + inf) - inf: a NaN constant would be flagged by
     # jax.debug_nans even when every edge is valid.
     poison = jnp.where(frame.valid, 0.0, jnp.inf).astype(out.dtype)[:, None]

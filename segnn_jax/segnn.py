@@ -276,9 +276,9 @@ class SEGNN(_SteerableNetwork):
         edge_frame: run the message tensor products in the edge frame
             (:mod:`segnn_jax.edge_frame`): per order m one dense matrix multiply instead of the
             Clebsch-Gordan coupling; the same function and parameters (to float rounding), for
-            edge attributes that are spherical harmonics of the edge directions. The messages of
-            a real edge whose attributes are not (a zero-length edge) are NaN. Forward and
-            backward of QM9's message products are 2-3x faster on a CPU.
+            edge attributes that are spherical harmonics of the edge directions (the messages
+            of a real edge whose attributes are not are NaN); a real zero-length edge sends no
+            message. Forward and backward of QM9's message products are 2-3x faster on a CPU.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from segnn_jax import attributes, graph as graphs

@@ -15,7 +15,7 @@ from segnn_jax.configs import qm9 as qm9_config
 from segnn_jax.layers import gate, gate_irreps
 from segnn_jax.tasks import models as model_configs
 from segnn_jax.training.config import ConfigError
-from model_fixtures import make_model, pad, random_graph, to_device
+from model_fixtures import featurize, make_model, pad, random_graph, to_device
 
 
 def _directions(rng, n_random):
@@ -95,21 +95,28 @@ def test_product_in_frame_is_the_tensor_product(features, lmax_attr, normalizati
     _close(actual[2], expected[2], "gradient of the edge vectors")
 
 
-def test_attributes_that_are_not_harmonics_of_a_direction_give_nan_on_real_edges_only():
-    """A zero-length real edge (coincident atoms) has attributes (1, 0, ...): its messages are
-    NaN rather than silently different; the same edge as padding is exempt."""
-    vectors = jnp.asarray([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.3, 2.0]])
+def test_zero_length_edges_carry_nothing_and_other_attributes_give_nan():
+    """A real zero-length edge (coincident atoms, attribute (1, 0, ...)) carries no message; a
+    real edge whose attribute is no direction's harmonics gets NaN rather than a silently
+    different message; padding edges are exempt from both."""
+    vectors = jnp.asarray([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.3, 2.0],
+                           [0.5, 0.5, 0.5]])
     attr = sj.edge_attributes(vectors, 2)
-    mask = jnp.asarray([True, True, False, True])
+    # Row 4: harmonics of a vector that is not a unit one (normalize=False), not a direction's.
+    attr = e3nn.IrrepsArray(attr.irreps, attr.array.at[4].set(e3nn.spherical_harmonics(
+        attr.irreps, vectors[4], normalize=False, normalization="integral").array))
+    mask = jnp.asarray([True, True, False, True, True])
     frame = edge_frame.make_frame(attr, mask, 1)
-    np.testing.assert_array_equal(frame.valid, [True, False, True, True])
-    features = e3nn.normal("2x0e+1x1o", jax.random.PRNGKey(0), (4,))
+    np.testing.assert_array_equal(frame.valid, [True, True, True, True, False])
+    np.testing.assert_array_equal(frame.directed, [True, False, True, True, True])
+    features = e3nn.normal("2x0e+1x1o", jax.random.PRNGKey(0), (5,))
     with jax.debug_nans(False):  # NaN is the documented result here
         back = edge_frame.from_frame(frame, edge_frame.to_frame(frame, [features]))
         back = np.asarray(back.array)
-    assert np.all(np.isnan(back[1])) and np.all(np.isfinite(back[[0, 2, 3]]))
-    # Rotating into the frame and back is the identity on the valid edges.
-    np.testing.assert_allclose(back[[0, 3]], np.asarray(features.array)[[0, 3]], atol=1e-6)
+    assert np.all(np.isnan(back[4])) and np.all(np.isfinite(back[:4]))
+    assert np.all(back[1] == 0.0)
+    # Rotating into the frame and back is the identity on the directed edges.
+    np.testing.assert_allclose(back[[0, 2, 3]], np.asarray(features.array)[[0, 2, 3]], atol=1e-6)
 
 
 def test_attributes_of_other_irreps_are_refused():
@@ -173,7 +180,9 @@ def test_network_in_edge_frame_is_equivariant(keys):
         _close(np.asarray(out)[real], np.asarray(expected)[real], "rotated outputs")
 
 
-def test_coincident_atoms_give_nan_in_the_edge_frame_and_finite_values_without(keys):
+def test_coincident_atoms_send_no_message_in_the_edge_frame(keys):
+    """Two atoms at one point: finite values and gradients, and the network in the frame equals
+    the plain one with the zero-length edges' messages weighted by 0 (edge_weights)."""
     rng = np.random.default_rng(1)
     graph = random_graph(rng, 4)
     positions = np.asarray(graph.nodes["positions"]).copy()
@@ -181,15 +190,32 @@ def test_coincident_atoms_give_nan_in_the_edge_frame_and_finite_values_without(k
     graph = to_device(pad([graph._replace(nodes=dict(graph.nodes, positions=positions))],
                           8, 20, 2))
     pos, vel = graph.nodes["positions"], graph.nodes["velocities"]
-    outputs = {}
-    for flag in (False, True):
-        model = make_model("segnn", "node", None, layers=1, edge_frame=flag)
-        with jax.debug_nans(False):  # NaN is the documented result with the edge frame
-            params, state = model.init(jax.random.PRNGKey(0), graph, pos, vel)
-            outputs[flag] = np.asarray(jax.jit(model.apply)(params, state, graph, pos, vel)[0])
+    lengths = np.linalg.norm(np.asarray(sj.edge_vectors(graph)), axis=-1)
+    weights = jnp.asarray((lengths > 0) | ~np.asarray(sj.edge_mask(graph)), jnp.float32)
+    assert float(jnp.sum(weights == 0)) == 2  # 0 -> 1 and 1 -> 0
+
+    def forward(positions, frame):
+        inputs = featurize(graph, positions, vel)
+        if not frame:
+            inputs = inputs._replace(edge_weights=weights)
+        return sj.SEGNN("4x0e+2x1o", "1x1o", 1, edge_frame=frame)(inputs).array
+
+    models = {frame: hk.without_apply_rng(hk.transform(lambda x, frame=frame: forward(x, frame)))
+              for frame in (False, True)}
+    params = models[False].init(next(keys), pos)
     real = np.asarray(sj.node_mask(graph))
-    assert np.all(np.isfinite(outputs[False][real]))
-    assert np.all(np.isnan(outputs[True][[0, 1]]))
+    results = {}
+    for frame, model in models.items():
+        def loss(positions):
+            out = model.apply(params, positions)
+            return jnp.sum(jnp.sin(out[real])), out
+
+        results[frame] = jax.jit(jax.grad(loss, has_aux=True))(pos)
+    (grad, out), (grad_frame, out_frame) = results[False], results[True]
+    assert np.isfinite(np.asarray(out_frame)[real]).all()
+    assert np.isfinite(np.asarray(grad_frame)).all()
+    _close(np.asarray(out_frame)[real], np.asarray(out)[real], "outputs")
+    _close(np.asarray(grad_frame)[real], np.asarray(grad)[real], "gradient of the positions")
 
 
 def test_edge_frame_flag_is_checked():

@@ -44,8 +44,8 @@ The section (see :func:`default_model_config`)::
                      (backend "e3nn" only; benchmarks/README.md)
     edge_frame       false (the default) | true: the message tensor products in the edge frame
                      (segnn_jax.edge_frame), one dense matrix multiply per order m instead of the
-                     Clebsch-Gordan coupling: the same function and parameters; the messages of
-                     a zero-length real edge (coincident atoms) are then NaN
+                     Clebsch-Gordan coupling: the same function and parameters, except that a
+                     zero-length real edge (coincident atoms) then sends no message
 
 The output irreps are not a model option: they follow from the task (N-body: ``1x1o``), which passes
 them to :func:`create_model`.
