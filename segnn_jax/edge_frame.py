@@ -340,7 +340,7 @@ def product(spec: tp.TensorProductSpec, weights: Sequence[jnp.ndarray], x: Frame
     attributes, in the frame: ``spec`` must be that of ``x.segments x frame.attribute_irreps``.
 
     Raises:
-        ValueError: a spec for other inputs, or attribute irreps with multiplicities.
+        ValueError: a spec for other inputs or other attribute irreps.
     """
     if (tuple(s.regroup() for s in spec.segments) != tuple(s.regroup() for s in x.segments)
             or spec.irreps_in2 != frame.attribute_irreps):
@@ -351,23 +351,21 @@ def product(spec: tp.TensorProductSpec, weights: Sequence[jnp.ndarray], x: Frame
         if m < 0:
             continue
         a, b = _matrices(spec, weights, frame.poles, m)
-        if m == 0:
-            parts[0] = _matmul(x.parts[0], a, compute_dtype)
-            continue
-        plus, minus = x.parts.get(m), x.parts.get(-m)
         out_plus = out_minus = None
         if a is not None:
-            out_plus, out_minus = (_matmul(plus, a, compute_dtype),
-                                   _matmul(minus, a, compute_dtype))
-        if b is not None:
-            cross_plus, cross_minus = (-_matmul(minus, b, compute_dtype),
-                                       _matmul(plus, b, compute_dtype))
+            out_plus = _matmul(x.parts[m], a, compute_dtype)
+            out_minus = _matmul(x.parts[-m], a, compute_dtype) if m else None
+        if b is not None:  # never at m = 0, where <l1 0, l2 0 | l3 0> of odd paths vanish
+            cross_plus, cross_minus = (-_matmul(x.parts[-m], b, compute_dtype),
+                                       _matmul(x.parts[m], b, compute_dtype))
             out_plus = cross_plus if out_plus is None else out_plus + cross_plus
             out_minus = cross_minus if out_minus is None else out_minus + cross_minus
-        if out_plus is None:  # no input of order >= m reaches an output of order >= m
+        if out_plus is None:  # no path reaches order m (only odd paths at m = 0, or no l >= m)
             width = sum(mul for mul, ir in spec.irreps_out if ir.l >= m)
             out_plus = out_minus = jnp.zeros((x.parts[0].shape[0], width), x.parts[0].dtype)
-        parts[m], parts[-m] = out_plus, out_minus
+        parts[m] = out_plus
+        if m:
+            parts[-m] = out_minus
     return FrameArray((spec.irreps_out,), spec.irreps_out, parts)
 
 

@@ -95,6 +95,28 @@ def test_product_in_frame_is_the_tensor_product(features, lmax_attr, normalizati
     _close(actual[2], expected[2], "gradient of the edge vectors")
 
 
+def test_product_in_frame_in_mixed_precision_is_close_to_float32():
+    """compute_dtype: the frame's matrix multiplies read bfloat16 and accumulate in float32."""
+    rng = np.random.default_rng(2)
+    vectors = jnp.asarray(_directions(rng, 8), jnp.float32)
+    attr = sj.edge_attributes(vectors, 2)
+    features = e3nn.normal("4x0e+2x1o+1x2e", jax.random.PRNGKey(1), (len(vectors),))
+    spec = tp.make_spec([features.irreps], attr.irreps, "4x0e+2x1o+1x2e")
+    weights = tp.init_weights(jax.random.PRNGKey(2), spec)
+
+    @jax.jit
+    def in_frame(weights, features, attr):
+        frame = edge_frame.make_frame(attr, jnp.ones((len(vectors),), bool), 2)
+        x = edge_frame.to_frame(frame, [features])
+        return [edge_frame.from_frame(frame, edge_frame.product(
+            spec, weights, x, frame, dtype)).array for dtype in (None, "bfloat16")]
+
+    full, half = in_frame(weights, features, attr)
+    assert half.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(full)))
+    assert 0 < float(jnp.max(jnp.abs(half - full))) <= 2e-2 * scale
+
+
 def test_zero_length_edges_carry_nothing_and_other_attributes_give_nan():
     """A real zero-length edge (coincident atoms, attribute (1, 0, ...)) carries no message; a
     real edge whose attribute is no direction's harmonics gets NaN rather than a silently
