@@ -35,7 +35,7 @@ def _close(actual, expected, what):
 
 
 # (features, attribute lmax, normalisation, output irreps, gated): the message products of the
-# shipped configs' kinds, and paths with l1 + l2 + l3 odd (1o x 1o -> 1e, into 0o and 2o).
+# shipped configs' kinds, and paths with l1 + l2 + l3 odd (1o x 1o -> 1e, 1o x 2e -> 2o, ...).
 CASES = [
     ("4x0e+2x1o+1x2e", 3, "component", "4x0e+2x1o+1x2e", True),
     ("3x0e+2x1o", 1, "integral", "3x0e+2x1o", True),
