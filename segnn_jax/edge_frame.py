@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segnn_jax import tensor_product as tp
+from segnn_jax.attributes import safe_norm
 from segnn_jax.irreps import gate_irreps
 
 __all__ = ["EdgeFrame", "FrameArray", "from_frame", "gate", "make_frame", "product", "to_frame",
@@ -119,7 +120,8 @@ def _sampling(lmax: int) -> Tuple[np.ndarray, Dict[int, np.ndarray]]:
     for l in range(2, lmax + 1):
         block = harmonics[:, l * l:(l + 1) ** 2]
         if np.linalg.cond(block) > 1e3:
-            raise AssertionError(f"sample directions do not determine D_{l}")  # never: tested
+            # A guard for orders beyond those in use (l <= 3 is well conditioned).
+            raise AssertionError(f"sample directions do not determine D_{l}")
         inverses[l] = np.linalg.pinv(block)
     return directions, inverses
 
@@ -130,17 +132,16 @@ def _rotations_to_pole(directions: jnp.ndarray) -> jnp.ndarray:
     The rows are ``(e1, n, e1 x n)`` with ``e1`` perpendicular to ``n``, built from ``z`` or, when
     ``n`` is close to ``z``, from ``x``. Which rotation about ``y`` this picks does not matter
     (the products commute with those), so the switch between the two is harmless, also for the
-    gradient. A zero vector gets the identity.
+    gradient. A zero vector is taken as pointing along ``y``.
     """
-    squared = jnp.sum(directions**2, axis=-1, keepdims=True)
-    nonzero = squared > 0
-    # sqrt of 1, not 0, on zero vectors: the gradient of the unused branch must be finite too.
-    norm = jnp.sqrt(jnp.where(nonzero, squared, 1.0))
-    n = jnp.where(nonzero, directions / norm, _POLE.astype(directions.dtype))
+    norm = safe_norm(directions, keepdims=True)
+    nonzero = norm > 0
+    n = jnp.where(nonzero, directions / jnp.where(nonzero, norm, 1.0),
+                  _POLE.astype(directions.dtype))
     helper = jnp.where(jnp.abs(n[:, 2:3]) < 0.9, jnp.array([0.0, 0.0, 1.0], n.dtype),
                        jnp.array([1.0, 0.0, 0.0], n.dtype))
-    e1 = jnp.cross(helper, n)
-    e1 = e1 / jnp.linalg.norm(e1, axis=-1, keepdims=True)
+    e1 = jnp.cross(helper, n)  # |e1| >= 0.43: the helper is never close to n
+    e1 = e1 / safe_norm(e1, keepdims=True)
     return jnp.stack([e1, n, jnp.cross(e1, n)], axis=-2)
 
 
@@ -253,21 +254,16 @@ def to_frame(frame: EdgeFrame, segments: Sequence[tp.Segment]) -> FrameArray:
     return FrameArray(segment_irreps, irreps, parts)
 
 
-def _split_parts(x: FrameArray, irreps: e3nn.Irreps, leading: Dict[int, int]) -> Dict[int, list]:
-    """Each part of ``x`` cut (one split) into ``leading[m]`` columns, if any, then one piece per
-    irrep of ``irreps`` with ``l >= |m|``."""
-    out = {}
-    for m, part in x.parts.items():
-        widths = [leading.get(m, 0)] if leading.get(m, 0) else []
-        widths += [mul for mul, ir in irreps if ir.l >= abs(m)]
-        out[m] = _pieces(part, widths)
-    return out
+def _split_parts(x: FrameArray) -> Dict[int, list]:
+    """Each part of ``x`` cut (one split) into one piece per irrep with ``l >= |m|``."""
+    return {m: _pieces(part, [mul for mul, ir in x.irreps if ir.l >= abs(m)])
+            for m, part in x.parts.items()}
 
 
 def from_frame(frame: EdgeFrame, x: FrameArray) -> e3nn.IrrepsArray:
     """Rotates features back from the edge frame: ``[E, x.irreps.dim]``; zero on real edges of
     zero length, NaN on the edges that are not valid (see :func:`make_frame`)."""
-    pieces = _split_parts(x, x.irreps, {})
+    pieces = _split_parts(x)
     taken = {m: 0 for m in pieces}
     chunks = []
     for mul, ir in x.irreps:
@@ -394,12 +390,8 @@ def gate(x: FrameArray, irreps_out) -> FrameArray:
     n_scalars = sum(mul for mul, ir in irreps_out if ir == e3nn.Irrep("0e"))
     gated = e3nn.Irreps([(mul, ir) for mul, ir in irreps_out if ir != e3nn.Irrep("0e")])
     # The m = 0 part: scalars, gates, then the gated irreps' m = 0 components.
-    pieces = _split_parts(x._replace(parts={0: x.parts[0]}),
-                          e3nn.Irreps([(mul, ir) for mul, ir in gated]),
-                          {0: n_scalars + gated.num_irreps})
-    leading, *zero_blocks = pieces[0]
-    scalars, gates = _pieces(leading, [n_scalars, gated.num_irreps]) if n_scalars else (
-        None, leading)
+    scalars, gates, *zero_blocks = _pieces(
+        x.parts[0], [n_scalars, gated.num_irreps] + [mul for mul, _ in gated])
     gates = _pieces(jax.nn.sigmoid(gates), [mul for mul, _ in gated])
     parts = {}
     for m, part in x.parts.items():
