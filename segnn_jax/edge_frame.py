@@ -234,24 +234,124 @@ def _orders(lmax: int) -> Tuple[int, ...]:
 def to_frame(frame: EdgeFrame, segments: Sequence[tp.Segment]) -> FrameArray:
     """Rotates the product's input ``x1`` (segments as for :func:`segnn_jax.tensor_product
     .tensor_product`, gathered ones gathered here) into the edge frame."""
-    arrays = []
+    arrays, indices, regrouped, segment_irreps = [], [], [], []
     for segment in segments:
         array, index = segment if isinstance(segment, tuple) else (segment, None)
         array = e3nn.IrrepsArray(array.irreps, array.array).regroup()
-        arrays.append(array if index is None else array[index])
-    segment_irreps = tuple(a.irreps for a in arrays)
+        regrouped.append(array.irreps)
+        irreps = e3nn.Irreps([(mul, ir) for mul, ir in array.irreps if mul > 0])
+        if irreps.dim == 0:
+            continue
+        # Reordered where it is cheap, before the gather: on the nodes for gathered segments.
+        arrays.append(_component_major(array.array, irreps))
+        indices.append(index)
+        segment_irreps.append(irreps)
     irreps = e3nn.Irreps(sum(segment_irreps, e3nn.Irreps(""))).regroup()
-    rotated = [{ir: _rotate(frame, ir.l, _components(chunk))
-                for (mul, ir), chunk in zip(array.irreps, tp.split_chunks(array)) if mul > 0}
-               for array in arrays]
-    pieces: Dict[int, list] = {m: [] for m in _orders(irreps.lmax)}
-    for _, ir in irreps:  # the channels of each irrep in the order of the segments
-        for components in rotated:
-            if ir in components:
-                for m in _orders(ir.l):
-                    pieces[m].append(components[ir][ir.l + m])
-    parts = {m: jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for m, p in pieces.items()}
-    return FrameArray(segment_irreps, irreps, parts)
+    layout = _Layout(tuple(segment_irreps), irreps, tuple(a.shape[0] for a in arrays))
+    matrices = tuple(frame.matrix(l) for l in range(1, irreps.lmax + 1))
+    parts = _rotated_in(layout, matrices, arrays, indices)
+    return FrameArray(tuple(regrouped), irreps, dict(zip(_orders(irreps.lmax), parts)))
+
+
+class _Layout(NamedTuple):
+    """What :func:`_rotated_in` needs besides arrays: each segment's irreps (regrouped, no zero
+    multiplicities), all of them regrouped, and each segment's rows (nodes if gathered)."""
+
+    segments: Tuple[e3nn.Irreps, ...]
+    irreps: e3nn.Irreps
+    rows: Tuple[int, ...]
+
+
+def _component_major(array: jnp.ndarray, irreps: e3nn.Irreps) -> jnp.ndarray:
+    """``[R, irreps.dim]`` in e3nn's layout (``[mul, 2l+1]`` per irrep) to the layout with
+    ``[2l+1, mul]`` per irrep: each component of an irrep then is a contiguous block of columns."""
+    blocks, start = [], 0
+    for mul, ir in irreps:
+        chunk = array[:, start:start + mul * ir.dim].reshape(-1, mul, ir.dim)
+        blocks.append(jnp.swapaxes(chunk, -1, -2).reshape(-1, mul * ir.dim))
+        start += mul * ir.dim
+    return jnp.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+
+
+def _gathered_blocks(layout: _Layout, arrays, indices) -> list:
+    """Per segment ``{ir: [E, 2l+1, mul]}``: its component-major array gathered to the edges."""
+    out = []
+    for irreps, array, index in zip(layout.segments, arrays, indices):
+        array = array if index is None else array[index]
+        pieces = _pieces(array, [mul * ir.dim for mul, ir in irreps])
+        out.append({ir: piece.reshape(-1, ir.dim, mul) for (mul, ir), piece in zip(irreps, pieces)})
+    return out
+
+
+def _channel_order(layout: _Layout) -> list:
+    """``(segment, irrep, mul)`` in the order their channels take in every part: irreps in the
+    order of ``layout.irreps``, segments in their order within each."""
+    return [(s, ir, mul) for _, ir in layout.irreps for s, segment in enumerate(layout.segments)
+            for mul, ir_s in segment if ir_s == ir]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rotated_in(layout: _Layout, matrices, arrays, indices) -> tuple:
+    """The parts of :func:`to_frame`, one per order ``m``, from component-major arrays.
+
+    Each ``D_l x`` is one broadcast product summed over the components, about 1.4x faster here
+    than the unrolled sums of :func:`_rotate`; the transpose JAX derives for it is 1.7x slower
+    than the unrolled one, hence the explicit backward pass (:func:`_rotated_in_bwd`)."""
+    return _rotated_in_fwd(layout, matrices, arrays, indices)[0]
+
+
+def _rotated_in_fwd(layout: _Layout, matrices, arrays, indices):
+    blocks = _gathered_blocks(layout, arrays, indices)
+    pieces: Dict[int, list] = {m: [] for m in _orders(layout.irreps.lmax)}
+    for s, ir, _ in _channel_order(layout):
+        x = blocks[s][ir]
+        if ir.l > 0:  # [E, 1, 2l+1, mul] times [E, 2l+1, 2l+1, 1], summed over the components
+            x = jnp.sum(matrices[ir.l - 1][:, :, :, None] * x[:, None, :, :], axis=2)
+        for m in _orders(ir.l):
+            pieces[m].append(x[:, ir.l + m, :])
+    parts = tuple(jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for p in pieces.values())
+    return parts, (matrices, blocks, indices)
+
+
+def _rotated_in_bwd(layout: _Layout, residuals, cotangents):
+    """``D_l^T`` of the cotangents, unrolled as in :func:`_rotate`, summed to the nodes for
+    gathered segments. The matrices' cotangent ``sum_c g_i x_j`` is dead code, which XLA
+    removes, unless the positions are differentiated."""
+    matrices, blocks, indices = residuals
+    order = _channel_order(layout)
+    cut = {m: _pieces(part, [mul for _, ir, mul in order if ir.l >= abs(m)])
+           for m, part in zip(_orders(layout.irreps.lmax), cotangents)}
+    taken = {m: 0 for m in cut}
+    per_segment: list = [{} for _ in layout.segments]  # {ir: cotangent per component}
+    for s, ir, _ in order:
+        per_segment[s][ir] = [cut[m][taken[m]] for m in range(-ir.l, ir.l + 1)]
+        for m in range(-ir.l, ir.l + 1):
+            taken[m] += 1
+    d_matrices = [jnp.zeros_like(d) for d in matrices]
+    d_arrays = []
+    for s, (segment, index) in enumerate(zip(layout.segments, indices)):
+        columns = []  # component-major, as the input array
+        for _, ir in segment:
+            g = per_segment[s][ir]
+            if ir.l == 0:
+                columns.extend(g)
+                continue
+            d, x = matrices[ir.l - 1], blocks[s][ir]
+            columns.extend(sum(d[:, i, j, None] * g[i] for i in range(ir.dim))
+                           for j in range(ir.dim))
+            d_matrices[ir.l - 1] = d_matrices[ir.l - 1] + jnp.stack([
+                jnp.stack([jnp.sum(g[i] * x[:, j, :], axis=-1) for j in range(ir.dim)], axis=-1)
+                for i in range(ir.dim)], axis=-2).astype(d.dtype)
+        d_array = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+        if index is not None:
+            d_array = jax.ops.segment_sum(d_array, index, layout.rows[s])
+        d_arrays.append(d_array.astype(blocks[s][segment[0].ir].dtype))
+    d_indices = [None if index is None else np.zeros(index.shape, jax.dtypes.float0)
+                 for index in indices]
+    return tuple(d_matrices), d_arrays, d_indices
+
+
+_rotated_in.defvjp(_rotated_in_fwd, _rotated_in_bwd)
 
 
 def _split_parts(x: FrameArray) -> Dict[int, list]:

@@ -1,6 +1,8 @@
 """Message products in the edge frame (segnn_jax.edge_frame): the same function as the plain
 tensor product, its gradients, the check of the attributes, and the whole network with it."""
 
+import functools
+
 import e3nn_jax as e3nn
 import haiku as hk
 import jax
@@ -93,6 +95,63 @@ def test_product_in_frame_is_the_tensor_product(features, lmax_attr, normalizati
         _close(a, b, f"gradient of {spec.path_name(n)}")
     _close(actual[1].array, expected[1].array, "gradient of the node features")
     _close(actual[2], expected[2], "gradient of the edge vectors")
+
+
+def _to_frame_by_einsum(frame, segments):
+    """The parts of ``to_frame`` written plainly (einsum per irrep, JAX's own derivatives): the
+    reference for its broadcast forward and hand-written backward pass."""
+    rotated = []
+    for array, index in segments:
+        array = array.regroup()
+        array = array if index is None else array[index]
+        rotated.append({ir: jnp.einsum("eij,ecj->eci", frame.matrix(ir.l), chunk) if ir.l else chunk
+                        for (mul, ir), chunk in zip(array.irreps, tp.split_chunks(array))
+                        if mul > 0})
+    irreps = e3nn.Irreps(sum((a.irreps for a, _ in segments), e3nn.Irreps(""))).regroup()
+    parts = {}
+    for m in edge_frame._orders(irreps.lmax):
+        parts[m] = jnp.concatenate([r[ir][:, :, ir.l + m] for _, ir in irreps if ir.l >= abs(m)
+                                    for r in rotated if ir in r], axis=-1)
+    return parts
+
+
+def test_to_frame_and_its_backward_pass_match_plain_rotations():
+    """Unsorted irreps with a zero multiplicity, a gathered and an edge segment, half-precision
+    features: the parts and their derivatives (features, frame matrices) match the reference."""
+    rng = np.random.default_rng(5)
+    vectors = jnp.asarray(_directions(rng, 6), jnp.float32)
+    n_edges, n_nodes = len(vectors), 5
+    index = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    nodes = e3nn.normal("1x1o+2x0e+0x2e+1x2e+1x1o", jax.random.PRNGKey(0), (n_nodes,))
+    edges = e3nn.normal("1x2e+1x0e", jax.random.PRNGKey(1), (n_edges,))
+    frame = edge_frame.make_frame(sj.edge_attributes(vectors, 2), jnp.ones((n_edges,), bool), 2)
+    probes = {m: jax.random.normal(jax.random.PRNGKey(10 + m), (n_edges, 8)) for m in range(-2, 3)}
+
+    def loss(fn, nodes_array, edges_array, rotations, wigner):
+        framed = frame._replace(rotations=rotations, wigner=wigner)
+        parts = fn(framed, [(e3nn.IrrepsArray(nodes.irreps, nodes_array), index),
+                            (e3nn.IrrepsArray(edges.irreps, edges_array), None)])
+        return sum(jnp.sum(jnp.sin(part) * probes[m][:, :part.shape[1]])
+                   for m, part in parts.items()), parts
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        args = (nodes.array.astype(dtype), edges.array.astype(dtype), frame.rotations,
+                frame.wigner)
+        results = [jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3),
+                                    has_aux=True))(*args)
+                   for fn in (lambda f, s: edge_frame.to_frame(f, s).parts, _to_frame_by_einsum)]
+        (grads, parts), (expected_grads, expected_parts) = results
+        assert parts.keys() == expected_parts.keys()
+        # bfloat16 cotangents of the features: one rounding of each, a unit in the last place.
+        tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+        for m in parts:
+            np.testing.assert_allclose(parts[m], expected_parts[m], atol=tolerance, rtol=tolerance)
+        for got, expected in zip(jax.tree_util.tree_leaves(grads),
+                                 jax.tree_util.tree_leaves(expected_grads)):
+            assert got.dtype == expected.dtype
+            np.testing.assert_allclose(np.asarray(got, np.float32),
+                                       np.asarray(expected, np.float32), atol=tolerance,
+                                       rtol=tolerance)
 
 
 def test_product_in_frame_in_mixed_precision_is_close_to_float32():
