@@ -145,6 +145,7 @@ def _rotations_to_pole(directions: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([e1, n, jnp.cross(e1, n)], axis=-2)
 
 
+@jax.named_scope("make_frame")  # names its operations in profiles (benchmarks/profile_ops.py)
 def make_frame(edge_attr: e3nn.IrrepsArray, edge_mask: jnp.ndarray, lmax: int) -> EdgeFrame:
     """The edge frame of every edge, from its attribute ``Y(r_ij / |r_ij|)``.
 
@@ -231,6 +232,7 @@ def _orders(lmax: int) -> Tuple[int, ...]:
     return (0,) + tuple(s * m for m in range(1, lmax + 1) for s in (1, -1))
 
 
+@jax.named_scope("to_frame")
 def to_frame(frame: EdgeFrame, segments: Sequence[tp.Segment]) -> FrameArray:
     """Rotates the product's input ``x1`` (segments as for :func:`segnn_jax.tensor_product
     .tensor_product`, gathered ones gathered here) into the edge frame."""
@@ -360,6 +362,7 @@ def _split_parts(x: FrameArray) -> Dict[int, list]:
             for m, part in x.parts.items()}
 
 
+@jax.named_scope("from_frame")
 def from_frame(frame: EdgeFrame, x: FrameArray) -> e3nn.IrrepsArray:
     """Rotates features back from the edge frame: ``[E, x.irreps.dim]``; zero on real edges of
     zero length, NaN on the edges that are not valid (see :func:`make_frame`)."""

@@ -228,6 +228,38 @@ def test_profile_ops_sums_operations_per_step_and_skips_runtime_and_loop_events(
     assert kinds == {"dot": {"ms": 2.0, "count": 1.0}, "concatenate": {"ms": 1.0, "count": 0.5}}
 
 
+def test_profile_ops_scopes_strip_control_flow_and_mark_the_backward_pass():
+    from benchmarks import profile_ops
+
+    stack = "jit(step)/transpose(jvp(segnn))/while/body/closed_call/layer/update_1/tensor_product"
+    assert profile_ops.scope_of(stack + "/dot_general", 4) == (
+        "backward: segnn/layer/update_1/tensor_product")
+    assert profile_ops.scope_of(stack + "/dot_general", 2) == "backward: segnn/layer"
+    assert profile_ops.scope_of("jit(f)/segnn/jit(_where)/to_frame/mul", 4) == "segnn/to_frame"
+    assert profile_ops.scope_of("jit(f)/transpose(jvp())/add", 4) == "backward: (top level)"
+
+
+def test_profile_ops_maps_instructions_and_fusions_to_their_op_names():
+    from benchmarks import profile_ops
+
+    hlo = "\n".join([
+        "%fused_computation.3 (param_0: f32[4]) -> f32[4] {",
+        '  %param_0 = f32[4]{0} parameter(0)',
+        '  ROOT %mul.1 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(f)/a/mul"}',
+        "}",
+        "",
+        "ENTRY %main.9 (p: f32[4]) -> f32[4] {",
+        '  %p = f32[4]{0} parameter(0)',
+        '  %dot.2 = f32[4]{0} dot(%p, %p), metadata={op_name="jit(f)/b/dot_general" stack=1}',
+        "  ROOT %multiply_fusion = f32[4]{0} fusion(%dot.2), kind=kLoop, "
+        "calls=%fused_computation.3",
+        "}",
+    ])
+    assert profile_ops.instruction_op_names(hlo) == {
+        "mul.1": "jit(f)/a/mul", "dot.2": "jit(f)/b/dot_general",
+        "multiply_fusion": "jit(f)/a/mul"}
+
+
 def test_revisions_checks_out_a_commit_beside_the_working_tree(tmp_path):
     from benchmarks import revisions
 
