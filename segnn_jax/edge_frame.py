@@ -145,7 +145,7 @@ def _rotations_to_pole(directions: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([e1, n, jnp.cross(e1, n)], axis=-2)
 
 
-@jax.named_scope("make_frame")  # names its operations in profiles (benchmarks/profile_ops.py)
+@jax.named_scope("make_frame")  # its operations carry the name in profiles
 def make_frame(edge_attr: e3nn.IrrepsArray, edge_mask: jnp.ndarray, lmax: int) -> EdgeFrame:
     """The edge frame of every edge, from its attribute ``Y(r_ij / |r_ij|)``.
 
