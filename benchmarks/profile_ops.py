@@ -28,7 +28,8 @@ each operation's metadata (Haiku modules such as ``layer/update_1/tensor_product
 frame's ``to_frame``, ``from_frame``, ``make_frame``), backward operations apart, cut to
 ``--scope-depth`` names. ``--function forward`` profiles the forward instead of the step::
 
-    python benchmarks/profile_ops.py --configs qm9 --function forward --steps 3 --by-scope
+    python benchmarks/profile_ops.py --configs qm9 --function forward --steps 2 --scan-layers \
+        --by-scope
 """
 
 from __future__ import annotations
