@@ -218,12 +218,16 @@ def _components(chunk: jnp.ndarray) -> list:
 
 def _rotate(frame: EdgeFrame, l: int, components: Sequence[jnp.ndarray], inverse: bool = False
             ) -> list:
-    """The components of ``D_l x`` (or ``D_l^T x``) from those of ``x`` (each ``[E, C]``),
-    unrolled: batched 3x3 and 5x5 matrix multiplies are slow on CPU, this fuses elementwise."""
+    """The components of ``D_l x`` (or ``D_l^T x``) from those of ``x`` (each ``[E, C]``)."""
     if l == 0:
         return list(components)
-    d = frame.matrix(l)
-    size = 2 * l + 1
+    return _rotate_by(frame.matrix(l), components, inverse)
+
+
+def _rotate_by(d: jnp.ndarray, components: Sequence[jnp.ndarray], inverse: bool = False) -> list:
+    """:func:`_rotate` by the matrices ``d [E, 2l+1, 2l+1]``, unrolled: batched 3x3 and 5x5
+    matrix multiplies are slow on CPU, this fuses elementwise."""
+    size = d.shape[-1]
     return [sum((d[:, j, i, None] if inverse else d[:, i, j, None]) * components[j]
                 for j in range(size)) for i in range(size)]
 
@@ -316,7 +320,7 @@ def _rotated_in_fwd(layout: _Layout, matrices, arrays, indices):
 
 
 def _rotated_in_bwd(layout: _Layout, residuals, cotangents):
-    """``D_l^T`` of the cotangents, unrolled as in :func:`_rotate`, summed to the nodes for
+    """``D_l^T`` of the cotangents, unrolled (:func:`_rotate_by`), summed to the nodes for
     gathered segments. The matrices' cotangent ``sum_c g_i x_j`` is dead code, which XLA
     removes, unless the positions are differentiated."""
     matrices, blocks, indices = residuals
@@ -339,8 +343,7 @@ def _rotated_in_bwd(layout: _Layout, residuals, cotangents):
                 columns.extend(g)
                 continue
             d, x = matrices[ir.l - 1], blocks[s][ir]
-            columns.extend(sum(d[:, i, j, None] * g[i] for i in range(ir.dim))
-                           for j in range(ir.dim))
+            columns.extend(_rotate_by(d, g, inverse=True))
             d_matrices[ir.l - 1] = d_matrices[ir.l - 1] + jnp.stack([
                 jnp.stack([jnp.sum(g[i] * x[:, j, :], axis=-1) for j in range(ir.dim)], axis=-1)
                 for i in range(ir.dim)], axis=-2).astype(d.dtype)
