@@ -91,3 +91,18 @@ def test_malformed_ensemble_argument_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         _load_script().main(["--runs", str(tmp_path / "runs"), "--data", str(tmp_path),
                              "--out", str(tmp_path / "x.json"), "--ensembles", "no_members"])
+
+
+def test_group_lines_name_the_best_baseline_of_each_group():
+    def figures(bias, mae, after):
+        return {"count": 5, "bias_ev": bias, "mae_ev": mae, "mae_after_bias_ev": after}
+
+    split = {"segnn": {"H": figures(-0.07, 0.07, 0.02), "O": figures(0.01, 0.04, 0.04)},
+             "composition_ridge": {"H": figures(-0.3, 0.3, 0.05), "O": figures(0.0, 0.03, 0.03)},
+             "adsorbate_mean": {"H": figures(0.1, 0.1, 0.06), "O": figures(0.2, 0.2, 0.1)}}
+    lines = _load_script()._group_lines("ood_ads", {"group_by": "adsorbate", "valid": split,
+                                                    "test": split})
+    assert len(lines) == 4 and lines[0].startswith("ood_ads valid H: SEGNN bias -0.070")
+    assert "| adsorbate_mean bias +0.100 MAE 0.100" in lines[0]
+    assert "| composition_ridge bias +0.000 MAE 0.030" in lines[1]
+    assert _load_script()._group_lines("x", None) == []

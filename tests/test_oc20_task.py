@@ -485,6 +485,41 @@ def test_ensemble_of_seeds_averages_split_predictions(emt_dir, emt_run, tmp_path
         oc20.evaluate_ensemble([], "test")
 
 
+def test_errors_by_group_splits_offset_from_scatter():
+    target = np.array([0.0, 1.0, 2.0, 3.0, 0.5])
+    predicted = target + np.array([0.1, 0.3, -0.2, -0.4, 0.0])
+    groups = ["O", "O", "H", "H", "CO"]
+    out = oc20.errors_by_group(predicted, target, groups)
+    assert list(out) == ["CO", "H", "O"]
+    assert out["O"] == pytest.approx({"count": 2, "bias_ev": 0.2, "mae_ev": 0.2,
+                                      "mae_after_bias_ev": 0.1})
+    assert out["H"] == pytest.approx({"count": 2, "bias_ev": -0.3, "mae_ev": 0.3,
+                                      "mae_after_bias_ev": 0.1})
+    assert out["CO"] == {"count": 1, "bias_ev": 0.0, "mae_ev": 0.0, "mae_after_bias_ev": 0.0}
+    with pytest.raises(ValueError, match="one group per prediction"):
+        oc20.errors_by_group(predicted, target, groups[:-1])
+
+
+def test_group_summary_adds_up_to_the_reported_metrics(emt_run):
+    """experiments/oc20/collect_emt.py --by-group: per-group figures of SEGNN and every baseline,
+    weighted by the group sizes, give back the run's own validation and test MAE."""
+    from experiment_scripts import load_experiment
+
+    run_dir, results = emt_run
+    summary = load_experiment("oc20/collect_emt.py").group_summary([run_dir])
+    assert summary["group_by"] == "adsorbate"  # an in-distribution run groups by adsorbate
+    for split in ("valid", "test"):
+        by_model = summary[split]
+        assert set(by_model) == {"segnn", *results["baselines"]}
+        for name, groups in by_model.items():
+            count = sum(g["count"] for g in groups.values())
+            assert count == results[f"n_{split}"]
+            mae = sum(g["mae_ev"] * g["count"] for g in groups.values()) / count
+            reported = (results[split] if name == "segnn"
+                        else results["baselines"][name][split])["mae_ev"]
+            assert mae == pytest.approx(reported, rel=1e-4)
+
+
 def test_ood_split_on_emt_labels(emt_dir):
     systems, level = oc20.load_systems(emt_dir)
     assert level == "EMT" and all(s.adsorbate and s.catalyst for s in systems)

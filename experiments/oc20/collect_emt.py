@@ -11,13 +11,17 @@ Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<spli
 Per split the JSON holds SEGNN's test ``mae_ev`` / ``ewt`` at the best validation epoch, the
 baselines' test MAE and EwT (ridge on composition + adsorbate one-hot, ridge on the adsorbate
 atoms' element counts, per-adsorbate mean, training mean; the strongest named), the sample
-counts, held-out groups, ``command``, ``git_revision`` and wall time of the run. Splits whose run has no ``results.json`` yet are listed under ``missing``. ``--variants``
-names further run directories under RUNS (e.g. a split re-run with another option), reported
-under ``variants`` and drawn as extra panels. ``--ensembles NAME=RUN,RUN,...`` evaluates the mean
-prediction of runs under RUNS that share a split (e.g. one recipe trained with three seeds) on its
-validation and test systems (:func:`segnn_jax.tasks.oc20.evaluate_ensemble`), reported under
-``ensembles`` with the members' own figures and the baselines of the split. ``--generation``
-adds a JSON record of how the data set was generated (rate, interruptions).
+counts, held-out groups, ``command``, ``git_revision`` and wall time of the run. Splits whose
+run has no ``results.json`` yet are listed under ``missing``. ``--variants`` names further run
+directories under RUNS (e.g. a split re-run with another option), reported under ``variants``
+and drawn as extra panels. ``--ensembles NAME=RUN,RUN,...`` evaluates the mean prediction of
+runs under RUNS that share a split (e.g. one recipe trained with three seeds) on its validation
+and test systems (:func:`segnn_jax.tasks.oc20.evaluate_ensemble`), reported under ``ensembles``
+with the members' own figures and the baselines of the split. ``--generation`` adds a JSON
+record of how the data set was generated (rate, interruptions). ``--by-group`` adds, per run
+and ensemble, each held-out group's bias, MAE and MAE after its bias for SEGNN and every
+baseline (``by_group``): on held-out adsorbates it separates the adsorbate's energy offset, which
+training cannot pin down, from the scatter over sites and catalysts.
 """
 
 import argparse
@@ -25,6 +29,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 SPLITS = ("id", "ood_ads", "ood_cat")
 LABELS = {"id": "in-distribution", "ood_ads": "held-out adsorbates (OOD-ads)",
@@ -100,12 +106,39 @@ def ensemble_summary(name: str, run_dirs: list, evaluate=None) -> dict:
     }
 
 
+def group_summary(run_dirs: list, evaluate=None) -> dict:
+    """Per held-out group (adsorbate; catalyst for OOD-cat) of the validation and test splits:
+    bias, MAE and MAE after the group's bias of SEGNN (the mean of ``run_dirs``) and of every
+    baseline (:func:`segnn_jax.tasks.oc20.errors_by_group`)."""
+    from segnn_jax.tasks import oc20
+
+    if evaluate is None:
+        evaluate = oc20.evaluate_ensemble
+    cfg = oc20.validate_config(json.loads((Path(run_dirs[0]) / "config.json").read_text()))
+    splits, _ = oc20.split_systems(cfg, oc20.load_systems(cfg["data"]["path"])[0])
+    evaluated = {split: splits[split] for split in ("valid", "test")}
+    baselines = oc20.baseline_predictions(cfg, splits["train"], evaluated)
+    key = "catalyst" if cfg["data"]["split"] == "ood_cat" else "adsorbate"
+    out = {}
+    for split, systems in evaluated.items():
+        segnn = evaluate(run_dirs, split)
+        if segnn["names"] != [s.name for s in systems]:
+            raise ValueError(f"{run_dirs[0]}: the {split} predictions are not in split order")
+        target = np.asarray([s.energy for s in systems])
+        groups = [getattr(s, key) for s in systems]
+        out[split] = {name: oc20.errors_by_group(predicted, target, groups) for name, predicted in
+                      [("segnn", segnn["predicted_ev"])]
+                      + [(b, by_split[split]) for b, by_split in baselines.items()]}
+    return {"group_by": key, **out}
+
+
 def _curves(run_dir: Path):
     """(epoch, validation MAE eV), (epoch, test MAE eV) and (epoch, training batch MAE eV)."""
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if line.strip()]
     val, test = ([(e["epoch"] + 1, e["mae"]) for e in events
-                  if e.get("event") == "eval" and e.get("split") == split] for split in ("val", "test"))
+                  if e.get("event") == "eval" and e.get("split") == split]
+                 for split in ("val", "test"))
     steps_per_epoch = max((e["step"] for e in events if e.get("event") == "train"), default=1) / \
         max(1, max((e["epoch"] + 1 for e in events if e.get("event") == "train"), default=1))
     train = [(e["step"] / steps_per_epoch, e["mae"]) for e in events if e.get("event") == "train"]
@@ -186,6 +219,9 @@ def main(argv=None) -> int:
                         help="mean prediction of run directories under --runs sharing a split")
     parser.add_argument("--generation", type=Path, default=None,
                         help="JSON record of the generation of the data set")
+    parser.add_argument("--by-group", action="store_true",
+                        help="add each run's (and ensemble's) bias and MAE per held-out group "
+                             "for SEGNN and the baselines (evaluates the best checkpoints)")
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
     runs = {split: args.runs / f"{split}{args.suffix}" for split in SPLITS}
@@ -202,6 +238,12 @@ def main(argv=None) -> int:
         if not members:
             parser.error(f"--ensembles expects NAME=RUN,RUN,..., got {spec!r}")
         ensembles[name] = ensemble_summary(name, [args.runs / m for m in members.split(",")])
+        if args.by_group:
+            ensembles[name]["by_group"] = group_summary(
+                [args.runs / m for m in members.split(",")])
+    if args.by_group:
+        for summary in [*summaries.values(), *variants.values()]:
+            summary["by_group"] = group_summary([Path(summary["run_dir"])])
     figure = args.out.with_suffix(".png")
     plot({**summaries, **variants}, args.runs, figure)
     results = {
@@ -231,7 +273,29 @@ def main(argv=None) -> int:
               f"{', '.join(f'{m:.4f}' for m in e['test']['member_mae_ev'])}), validation "
               f"{e['valid']['mae_ev']:.4f} | ridge {e['ridge_mae_ev']:.4f} | best baseline "
               f"{e['best_baseline']} {e['best_baseline_mae_ev']:.4f}")
+    for name, summary in [*summaries.items(), *variants.items(), *ensembles.items()]:
+        for line in _group_lines(name, summary.get("by_group")):
+            print(line)
     return 0
+
+
+def _group_lines(name: str, by_group: dict | None) -> list:
+    """One line per held-out group: SEGNN's bias, MAE and MAE after bias, next to the baseline
+    with the lowest MAE on that group."""
+    if not by_group:
+        return []
+    lines = []
+    for split in ("valid", "test"):
+        for group, segnn in by_group[split]["segnn"].items():
+            best = min((b for b in by_group[split] if b != "segnn"),
+                       key=lambda b: by_group[split][b][group]["mae_ev"])
+            other = by_group[split][best][group]
+            lines.append(
+                f"{name} {split} {group}: SEGNN bias {segnn['bias_ev']:+.3f} MAE "
+                f"{segnn['mae_ev']:.3f} (after bias {segnn['mae_after_bias_ev']:.3f}) | {best} "
+                f"bias {other['bias_ev']:+.3f} MAE {other['mae_ev']:.3f} (after bias "
+                f"{other['mae_after_bias_ev']:.3f})")
+    return lines
 
 
 if __name__ == "__main__":

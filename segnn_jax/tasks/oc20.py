@@ -71,6 +71,7 @@ Shape letters: M systems, N nodes (atoms), E edges, G graphs of a batch.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 import time
@@ -119,11 +120,13 @@ __all__ = [
     "XuKitchinNotFoundError",
     "adsorbate_label",
     "adsorbate_mean_baseline",
+    "baseline_predictions",
     "catalyst_label",
     "cross_validate",
     "element_descriptors",
     "energy_error_sums",
     "energy_metrics",
+    "errors_by_group",
     "evaluate",
     "evaluate_ensemble",
     "featurize",
@@ -886,21 +889,60 @@ def adsorbate_mean_baseline(train: Sequence[System], test: Sequence[System]) -> 
     return np.asarray([means.get(s.adsorbate, float(energies.mean())) for s in test])
 
 
-def _baselines(cfg: Dict[str, Any], train: Sequence[System],
-               evaluated: Mapping[str, Sequence[System]]) -> Dict[str, Dict[str, Any]]:
+def baseline_predictions(cfg: Mapping[str, Any], train: Sequence[System],
+                         evaluated: Mapping[str, Sequence[System]]
+                         ) -> Dict[str, Dict[str, np.ndarray]]:
+    """Every baseline, fitted on ``train``, predicting the systems of each evaluated split.
+
+    Returns:
+        ``{baseline: {split: [S] energies (eV)}}`` for "composition_ridge",
+        "adsorbate_composition_ridge", "adsorbate_mean" and "train_mean".
+    """
     composition = CompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
     adsorbate_composition = AdsorbateCompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
     mean = float(np.mean([s.energy for s in train]))
-    out: Dict[str, Dict[str, Any]] = {"composition_ridge": {}, "adsorbate_composition_ridge": {},
-                                      "adsorbate_mean": {}, "train_mean": {}}
-    for split, systems in evaluated.items():
-        target = np.asarray([s.energy for s in systems])
-        out["composition_ridge"][split] = energy_metrics(composition.predict(systems), target)
-        out["adsorbate_composition_ridge"][split] = energy_metrics(
-            adsorbate_composition.predict(systems), target)
-        out["adsorbate_mean"][split] = energy_metrics(adsorbate_mean_baseline(train, systems),
-                                                      target)
-        out["train_mean"][split] = energy_metrics(np.full(len(systems), mean), target)
+    predictors = {
+        "composition_ridge": composition.predict,
+        "adsorbate_composition_ridge": adsorbate_composition.predict,
+        "adsorbate_mean": functools.partial(adsorbate_mean_baseline, train),
+        "train_mean": lambda systems: np.full(len(systems), mean),
+    }
+    return {name: {split: predict(systems) for split, systems in evaluated.items()}
+            for name, predict in predictors.items()}
+
+
+def _baselines(cfg: Dict[str, Any], train: Sequence[System],
+               evaluated: Mapping[str, Sequence[System]]) -> Dict[str, Dict[str, Any]]:
+    targets = {split: np.asarray([s.energy for s in systems])
+               for split, systems in evaluated.items()}
+    return {name: {split: energy_metrics(predicted, targets[split])
+                   for split, predicted in by_split.items()}
+            for name, by_split in baseline_predictions(cfg, train, evaluated).items()}
+
+
+def errors_by_group(predicted: np.ndarray, target: np.ndarray, groups: Sequence[str]
+                    ) -> Dict[str, Dict[str, float]]:
+    """Splits a model's error on each group (an adsorbate, a catalyst) into offset and scatter.
+
+    On a held-out adsorbate the error of every model has two parts: one energy offset shared by all
+    its systems (the adsorbate's unknown reference, which nothing in training pins down) and the
+    scatter around it (sites, catalysts, geometry), which is what a structure model can learn.
+
+    Returns:
+        ``{group: {"count", "bias_ev" (mean signed error), "mae_ev", "mae_after_bias_ev" (MAE once
+        the group's own mean error is subtracted)}}``, groups in sorted order.
+    """
+    error = np.asarray(predicted, np.float64) - np.asarray(target, np.float64)
+    groups = np.asarray(groups)
+    if error.shape != groups.shape or error.ndim != 1:
+        raise ValueError(f"need one group per prediction, got {error.shape} predictions and "
+                         f"{groups.shape} groups")
+    out = {}
+    for group in sorted(set(groups.tolist())):
+        e = error[groups == group]
+        out[group] = {"count": int(e.size), "bias_ev": float(e.mean()),
+                      "mae_ev": float(np.abs(e).mean()),
+                      "mae_after_bias_ev": float(np.abs(e - e.mean()).mean())}
     return out
 
 
