@@ -455,7 +455,7 @@ def test_train_evaluate_predict_on_emt(emt_run, tmp_path):
         oc20.predict(run_dir, tmp_path / "junk.xyz")
 
 
-def test_ensemble_of_seeds_averages_split_predictions(emt_dir, emt_run, tmp_path):
+def test_ensemble_of_seeds_averages_split_predictions(emt_dir, emt_run, tmp_path, monkeypatch):
     import shutil
 
     first, first_results = emt_run  # composition reference; this one has none
@@ -483,6 +483,12 @@ def test_ensemble_of_seeds_averages_split_predictions(emt_dir, emt_run, tmp_path
         oc20.evaluate_ensemble([first, other], "test")
     with pytest.raises(ValueError, match="at least one"):
         oc20.evaluate_ensemble([], "test")
+
+    # A data set already loaded is used as given, not read again.
+    loaded = {str(emt_dir): oc20.load_systems(emt_dir)[0]}
+    monkeypatch.setattr(oc20, "load_systems", lambda path: pytest.fail(f"{path} read again"))
+    again = oc20.evaluate_ensemble(runs, "test", systems=loaded)
+    np.testing.assert_allclose(again["predicted_ev"], ensemble["predicted_ev"], rtol=1e-6)
 
 
 def test_errors_by_group_splits_offset_from_scatter():

@@ -78,11 +78,29 @@ def split_summary(run_dir: Path, description: str = "") -> dict:
     }
 
 
+_LOADED: dict = {}  # data path -> its systems, read once for every evaluation of the command
+
+
+def _systems(path: str):
+    from segnn_jax.tasks import oc20
+
+    if path not in _LOADED:
+        _LOADED[path] = oc20.load_systems(path)[0]
+    return _LOADED[path]
+
+
+def _evaluate_ensemble(run_dirs: list, split: str) -> dict:
+    from segnn_jax.tasks import oc20
+
+    paths = {json.loads((Path(r) / "config.json").read_text())["data"]["path"] for r in run_dirs}
+    return oc20.evaluate_ensemble(run_dirs, split, systems={p: _systems(p) for p in paths})
+
+
 def ensemble_summary(name: str, run_dirs: list, evaluate=None) -> dict:
     """Validation and test figures of the mean prediction of ``run_dirs`` (one split), next to
     the members' own and the split's baselines (from the first member's ``results.json``)."""
     if evaluate is None:
-        from segnn_jax.tasks.oc20 import evaluate_ensemble as evaluate
+        evaluate = _evaluate_ensemble
     first = split_summary(Path(run_dirs[0]))
     figures = {split: evaluate(run_dirs, split) for split in ("valid", "test")}
     keys = ("mae_ev", "ewt", "count", "member_mae_ev", "member_ewt")
@@ -113,9 +131,9 @@ def group_summary(run_dirs: list, evaluate=None) -> dict:
     from segnn_jax.tasks import oc20
 
     if evaluate is None:
-        evaluate = oc20.evaluate_ensemble
+        evaluate = _evaluate_ensemble
     cfg = oc20.validate_config(json.loads((Path(run_dirs[0]) / "config.json").read_text()))
-    splits, _ = oc20.split_systems(cfg, oc20.load_systems(cfg["data"]["path"])[0])
+    splits, _ = oc20.split_systems(cfg, _systems(cfg["data"]["path"]))
     evaluated = {split: splits[split] for split in ("valid", "test")}
     baselines = oc20.baseline_predictions(cfg, splits["train"], evaluated)
     key = "catalyst" if cfg["data"]["split"] == "ood_cat" else "adsorbate"

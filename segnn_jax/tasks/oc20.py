@@ -1298,12 +1298,14 @@ def split_predictions(run_dir: Union[str, Path], split: str = "test", *,
             "checkpoint_step": step, "level_of_theory": stats.level_of_theory}
 
 
-def evaluate_ensemble(run_dirs: Sequence[Union[str, Path]], split: str = "test") -> Dict[str, Any]:
+def evaluate_ensemble(run_dirs: Sequence[Union[str, Path]], split: str = "test", *,
+                      systems: Optional[Mapping[str, Sequence[System]]] = None) -> Dict[str, Any]:
     """MAE and EwT of the mean prediction of several IS2RE runs on the same split.
 
     The runs (e.g. one recipe trained with different ``train.seed``) must share the data set and
     the split: the same systems in the same order, else a ValueError names the first run that
-    differs (checked before any model runs).
+    differs (checked before any model runs). ``systems`` maps a run's ``config.data.path`` to its
+    data set already loaded (:func:`load_systems`); paths not in it are read here.
 
     Returns:
         ``{"split", "members", "mae_ev", "ewt", "count", "member_mae_ev", "member_ewt",
@@ -1312,7 +1314,7 @@ def evaluate_ensemble(run_dirs: Sequence[Union[str, Path]], split: str = "test")
     """
     if not run_dirs:
         raise ValueError("evaluate_ensemble needs at least one run directory")
-    loaded: Dict[str, List[System]] = {}
+    loaded: Dict[str, Sequence[System]] = dict(systems or {})
     paths, names = [], []
     for run_dir in run_dirs:
         cfg, _ = _read_run(Path(run_dir))
