@@ -25,6 +25,7 @@ training cannot pin down, from the scatter over sites and catalysts.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -78,22 +79,23 @@ def split_summary(run_dir: Path, description: str = "") -> dict:
     }
 
 
-_LOADED: dict = {}  # data path -> its systems, read once for every evaluation of the command
-
-
+@functools.lru_cache(maxsize=None)  # each data set is read once per command
 def _systems(path: str):
     from segnn_jax.tasks import oc20
 
-    if path not in _LOADED:
-        _LOADED[path] = oc20.load_systems(path)[0]
-    return _LOADED[path]
+    return oc20.load_systems(path)[0]
 
 
 def _evaluate_ensemble(run_dirs: list, split: str) -> dict:
+    return _evaluated(tuple(str(r) for r in run_dirs), split)
+
+
+@functools.lru_cache(maxsize=None)  # an ensemble's figures and its --by-group share predictions
+def _evaluated(run_dirs: tuple, split: str) -> dict:
     from segnn_jax.tasks import oc20
 
     paths = {json.loads((Path(r) / "config.json").read_text())["data"]["path"] for r in run_dirs}
-    return oc20.evaluate_ensemble(run_dirs, split, systems={p: _systems(p) for p in paths})
+    return oc20.evaluate_ensemble(list(run_dirs), split, systems={p: _systems(p) for p in paths})
 
 
 def ensemble_summary(name: str, run_dirs: list, evaluate=None) -> dict:
