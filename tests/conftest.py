@@ -67,3 +67,20 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA} (only present beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_nbody_runs(tmp_path_factory):
+    """Two runs of the test N-body config (seeds 0 and 1, one epoch each) on the same data: for the
+    scripts that read trained runs (ensembles, error profiles)."""
+    from segnn_jax import cli
+
+    root = tmp_path_factory.mktemp("tiny_nbody_runs")
+    runs = []
+    for seed in (0, 1):
+        run_dir = root / f"seed{seed}"
+        assert cli.main(["train", "test_nbody", f"--config.data.data_dir={root / 'data'}",
+                         "--config.train.num_epochs=1", f"--config.train.seed={seed}",
+                         "--run-dir", str(run_dir)]) == 0
+        runs.append(run_dir)
+    return runs

@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 
-from segnn_jax import cli
 from segnn_jax.tasks import nbody
 
 from experiment_scripts import load_experiment
@@ -16,17 +15,9 @@ def _load_script():
     return load_experiment("nbody/ensemble.py")
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ensemble")
-    runs = []
-    for seed in (0, 1):
-        run_dir = root / f"seed{seed}"
-        assert cli.main(["train", "test_nbody", f"--config.data.data_dir={root / 'data'}",
-                         "--config.train.num_epochs=1", f"--config.train.seed={seed}",
-                         "--run-dir", str(run_dir)]) == 0
-        runs.append(run_dir)
-    return runs
+@pytest.fixture
+def two_runs(tiny_nbody_runs):
+    return tiny_nbody_runs
 
 
 def test_members_reproduce_their_runs_and_the_ensemble_averages_positions(two_runs, tmp_path):

@@ -24,8 +24,6 @@ from segnn_jax.tasks import nbody
 from segnn_jax.training.run import git_revision
 
 SPLITS = ("valid", "test")
-# The data settings that decide which systems and frames the validation and test splits hold.
-SHARED_DATA = ("dataset", "n_valid", "n_test", "data_dir", "input_frame", "target_frame")
 
 
 def _mse(predicted: np.ndarray, targets: np.ndarray) -> float:
@@ -41,12 +39,8 @@ def evaluate_ensemble(run_dirs: Sequence[str]) -> Dict:
     if len(run_dirs) < 2:
         raise ValueError(f"an ensemble needs at least 2 runs, got {len(run_dirs)}")
     members = [load_trained(run_dir, task="nbody") for run_dir in run_dirs]
-    reference = members[0].config["data"]
-    for run_dir, member in zip(run_dirs[1:], members[1:]):
-        differing = [key for key in SHARED_DATA if member.config["data"][key] != reference[key]]
-        if differing:
-            raise ValueError(f"{run_dir}: other validation or test data than {run_dirs[0]} "
-                             f"(data.{', data.'.join(differing)} differ)")
+    nbody.check_same_evaluation_data(
+        [(str(run_dir), member.config) for run_dir, member in zip(run_dirs, members)])
     splits = nbody.load_splits(members[0].config, SPLITS, progress=False)
     out = {"runs": [str(run_dir) for run_dir in run_dirs], "splits": {}}
     for split in SPLITS:

@@ -41,7 +41,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import e3nn_jax as e3nn
 import haiku as hk
@@ -74,7 +74,9 @@ __all__ = [
     "DESCRIPTION",
     "DOCUMENTED_BASELINES",
     "PREDICTION_ORIGINS",
+    "EVALUATION_DATA",
     "NBodyInputError",
+    "check_same_evaluation_data",
     "evaluate",
     "featurize",
     "horizon",
@@ -126,6 +128,10 @@ BATCH_DEFAULTS: Dict[str, Any] = {
     "max_nodes": None,
     "max_edges": None,
 }
+
+#: The data settings that decide which systems and frames the validation and test splits hold: runs
+#: that agree on them are evaluated on the same systems.
+EVALUATION_DATA = ("dataset", "n_valid", "n_test", "data_dir", "input_frame", "target_frame")
 
 _SECTIONS = ("task", "data", "batch", "model", "train")
 _SPLIT_SIZE = {"train": "n_train", "valid": "n_valid", "test": "n_test"}
@@ -532,6 +538,22 @@ def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
     out = {"split": split, "mse": metrics["loss"], "count": metrics["count"],
            "checkpoint_step": step, "baselines": nbody_data.trivial_baselines(data[split])}
     return out
+
+
+def check_same_evaluation_data(runs: Sequence[Tuple[str, Mapping[str, Any]]]) -> None:
+    """Checks that runs, given as ``(name, config)`` pairs, are validated and tested on the same
+    systems (:data:`EVALUATION_DATA`), so that their predictions can be averaged or compared system
+    by system.
+
+    Raises:
+        ValueError: a run whose validation or test data differ from the first run's.
+    """
+    (first, reference), *others = [(name, validate_config(config)["data"]) for name, config in runs]
+    for name, data in others:
+        differing = [key for key in EVALUATION_DATA if data[key] != reference[key]]
+        if differing:
+            raise ValueError(f"{name}: other validation or test data than {first} "
+                             f"(data.{', data.'.join(differing)} differ)")
 
 
 def _read_input(path: Path, dataset: str) -> Dict[str, np.ndarray]:
