@@ -78,7 +78,9 @@ def test_fit_writes_a_complete_run_directory(tmp_path, capsys):
     assert result.compilations[0]["shapes"] == {"n_graph": 3, "n_edge": 48, "n_node": 16}
     manager = CheckpointManager(tmp_path / "checkpoints")
     assert manager.steps()[-1] == 12 and manager.best()["step"] == result.best["step"]
-    assert "val@best" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "val@best" in printed
+    assert f"after epoch {result.best['epoch'] + 1}\n" in printed  # counted from 1
 
 
 def _params(state):

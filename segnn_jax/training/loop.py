@@ -463,8 +463,10 @@ def fit(init_fn: Callable, loss_fn: Callable, train_data: Any, *, config: Any,
     table = summary_table(rows)
     compiles = [e for e in events if e["event"] == "compile"]
     print(f"\nrun {run.path}: {step} steps, {len(compiles)} compilations"
-          + (f", best validation {cfg['best_metric']}={best['metric']:.5g} at epoch "
-             f"{best['epoch']}" if best else "") + "\n" + table)
+          # Epochs counted from 1, as the tasks' results.json "best_epoch" (the record's own
+          # "epoch" is the 0-based index of metrics.jsonl).
+          + (f", best validation {cfg['best_metric']}={best['metric']:.5g} after epoch "
+             f"{best['epoch'] + 1}" if best else "") + "\n" + table)
     emit("summary", {"step": step, "best": best, "last_eval": last_eval, "elapsed_s": elapsed(),
                      "stopped_by_time_budget": out_of_time})
     run.close()
