@@ -27,6 +27,8 @@ def test_profile_of_one_outlier_by_hand(script):
     assert p["n_systems"] == 100
     assert p["fraction_at_or_below_reference"] == 0.5
     assert p["ci95"] == pytest.approx(list(np.percentile(resampled, [2.5, 97.5])))
+    perfect = script.profile(np.zeros(10), np.zeros(4))
+    assert perfect["mse"] == 0 and perfect["worst_1pct_share"] == perfect["worst_5pct_share"] == 0
 
 
 def test_bootstrap_draws_are_shared_by_rows_seeded_and_of_the_right_spread(script):

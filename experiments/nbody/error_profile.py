@@ -66,7 +66,8 @@ def profile(errors: np.ndarray, resampled: np.ndarray,
     bootstrap means."""
     worst = np.sort(errors)[::-1]
     n_1, n_5 = max(1, round(0.01 * len(worst))), max(1, round(0.05 * len(worst)))
-    total = worst.sum()
+    # A perfect prediction (every error 0) has no worst systems: their share is 0, not 0/0.
+    total = worst.sum() or 1.0
     out = {
         "mse": float(errors.mean()),
         "ci95": _interval(resampled),
