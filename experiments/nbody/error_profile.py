@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _interval(samples: np.ndarray) -> List[float]:
 
 
 def profile(errors: np.ndarray, resampled: np.ndarray,
-            reference: Optional[float] = None) -> Dict[str, float]:
+            reference: Optional[float] = None) -> Dict[str, Any]:
     """The figures of one row: ``errors [S]`` per-system MSE and ``resampled [B]`` their
     bootstrap means."""
     worst = np.sort(errors)[::-1]
