@@ -306,6 +306,83 @@ def test_composition_reference_standardisation():
         oc20.standardise(systems, "EMT", reference="atomref")
 
 
+def _metal_slab(system, metal_z, tags=None):
+    """``system`` with every slab atom (tag != 2) turned into element ``metal_z``."""
+    numbers = np.where(np.asarray(system.tags) == 2, system.atomic_numbers, metal_z)
+    return system._replace(atomic_numbers=numbers,
+                           tags=system.tags if tags is None else tags)
+
+
+def test_surface_descriptors_describe_what_the_adsorbate_binds_to():
+    table = oc20.element_descriptors().astype(np.float64)
+    base = _slab_system()  # Cu slab (all tagged 1) with O
+    surface_pt = base._replace(atomic_numbers=np.where(
+        np.arange(len(base.tags)) < 4, 78, base.atomic_numbers))  # 4 of 12 metal atoms Pt
+    np.testing.assert_allclose(oc20.surface_descriptors(surface_pt),
+                               (4 * table[78] + 8 * table[29]) / 12)
+    # Tagged sub-surface atoms (tag 0) do not count.
+    tags = np.where(np.arange(len(base.tags)) < 4, 0, base.tags)
+    np.testing.assert_allclose(oc20.surface_descriptors(surface_pt._replace(tags=tags)),
+                               table[29])
+    # Untagged slabs (every metal atom 0) fall back to all slab atoms; no slab gives zeros.
+    untagged = _metal_slab(base, 79, tags=np.where(base.tags == 2, 2, 0))
+    np.testing.assert_allclose(oc20.surface_descriptors(untagged), table[79])
+    molecule = base._replace(atomic_numbers=np.array([8]), tags=np.array([2]),
+                             positions=base.positions[-1:])
+    assert np.all(oc20.surface_descriptors(molecule) == 0)
+
+
+def _metal_adsorbate_systems(metals=(28, 29, 46, 47, 79)):
+    """Energies linear in the surface metal's descriptors with a slope per adsorbate."""
+    table = oc20.element_descriptors().astype(np.float64)
+    slope = {"O": np.array([0.3, -0.2, 0.1]), "H": np.array([-0.1, 0.05, 0.2])}
+    offset = {"O": -1.0, "H": 0.4}
+    base = _slab_system()
+    systems = []
+    for z in metals:
+        for ads in slope:
+            systems.append(_metal_slab(base, z)._replace(
+                adsorbate=ads, catalyst=str(z),
+                energy=offset[ads] + float(slope[ads] @ table[z])))
+    return systems, slope, offset
+
+
+def test_adsorbate_surface_baseline_extrapolates_to_an_unseen_metal():
+    systems, slope, offset = _metal_adsorbate_systems()
+    model = oc20.AdsorbateSurfaceBaseline(alpha=0.0).fit(systems)
+    np.testing.assert_allclose(model.predict(systems), [s.energy for s in systems], atol=1e-9)
+    platinum = _metal_adsorbate_systems(metals=(78,))[0]  # a metal absent from training
+    np.testing.assert_allclose(model.predict(platinum), [s.energy for s in platinum], atol=1e-9)
+    # The per-adsorbate mean cannot tell Pt from the training metals.
+    means = oc20.adsorbate_mean_baseline(systems, platinum)
+    assert np.abs(means - [s.energy for s in platinum]).max() > 0.05
+    # An adsorbate never seen in training gets the intercept alone.
+    unseen = platinum[0]._replace(adsorbate="NEW")
+    assert model.predict([unseen])[0] == pytest.approx(model.bias)
+
+
+def test_adsorbate_surface_reference_standardisation():
+    systems, _, _ = _metal_adsorbate_systems()
+    rng = np.random.RandomState(0)
+    systems = [s._replace(energy=s.energy + rng.normal(scale=0.01)) for s in systems]
+    stats = oc20.standardise(systems, "EMT", reference="adsorbate_surface", ridge_alpha=1e-8)
+    assert stats.reference_atoms == "adsorbate_surface"
+    assert [a for a, _ in stats.adsorbate_weights] == ["H", "O"]
+    assert stats.std < 0.02  # the residual, not the spread over metals and adsorbates
+    z = np.array([oc20.standardised_target(s, stats) for s in systems])
+    restored = [stats.reference(s) + stats.mean + stats.std * t for s, t in zip(systems, z)]
+    np.testing.assert_allclose(restored, [s.energy for s in systems], atol=1e-10)
+    platinum = _metal_adsorbate_systems(metals=(78,))[0]
+    predicted = [stats.reference(s) + stats.mean for s in platinum]
+    np.testing.assert_allclose(predicted, [s.energy for s in platinum], atol=0.05)
+    assert stats.reference(platinum[0]._replace(adsorbate="NEW")) == 0.0
+    assert oc20._standardisation(json.loads(json.dumps(stats.to_json()))) == stats
+    # Every run reports the matching baseline.
+    cfg = oc20.validate_config(_config(energy_reference="adsorbate_surface"))
+    predictions = oc20.baseline_predictions(cfg, systems, {"test": platinum})
+    assert "adsorbate_surface_ridge" in predictions
+
+
 def test_element_descriptors():
     table = oc20.element_descriptors()
     assert table.shape == (oc20.MAX_Z + 1, 3) and np.all(table[0] == 0)
@@ -411,8 +488,8 @@ def test_train_evaluate_predict_on_emt(emt_run, tmp_path):
     for split in ("valid", "test"):
         assert 0 <= results[split]["ewt"] <= 1 and np.isfinite(results[split]["mae_ev"])
         assert results[split]["count"] == results[f"n_{split}"]
-        for baseline in ("composition_ridge", "adsorbate_composition_ridge", "adsorbate_mean",
-                         "train_mean"):
+        for baseline in ("composition_ridge", "adsorbate_composition_ridge",
+                         "adsorbate_surface_ridge", "adsorbate_mean", "train_mean"):
             assert np.isfinite(results["baselines"][baseline][split]["mae_ev"])
     assert json.loads((run_dir / "results.json").read_text())["test"] == results["test"]
     evaluated = oc20.evaluate(run_dir, "test")

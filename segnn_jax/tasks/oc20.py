@@ -30,6 +30,10 @@ only); the network then learns the residual and predictions add the reference ba
 already referenced to the clean slab and the gas-phase molecules, so it is the adsorbate's atoms
 whose per-element energies carry over to an adsorbate never seen in training (OOD-ads), and no
 metal gets a per-element term that a held-out metal would lack (OOD-cat).
+``"adsorbate_surface"`` is, per adsorbate, a linear function of the surface atoms' element
+descriptors (:func:`adsorbate_surface_features`): a held-out metal is placed by its period, group
+and radius, which is how the ``adsorbate_surface_ridge`` baseline extrapolates to unseen metals;
+an adsorbate never seen in training gets no reference.
 
 Readout (``readout.atoms``): ``"all"`` (the author's) pools the graph-level SEGNN over every atom;
 ``"adsorbate"`` makes the SEGNN give one energy per atom and sums it over the adsorbate atoms
@@ -180,8 +184,8 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "n_test": None,
     "cv_folds": 5,
     "cv_seed": 0,
-    # "none" (the author's recipe) or "composition": subtract per-element reference energies
-    # fitted on the training split (see the module docstring).
+    # "none" (the author's recipe), "composition", "adsorbate" or "adsorbate_surface": subtract a
+    # reference energy fitted on the training split (see the module docstring).
     "energy_reference": "none",
 }
 
@@ -215,7 +219,7 @@ MODEL_DEFAULTS: Dict[str, Any] = dict(
 SPLITS = ("train", "valid", "test")
 _DATASETS = ("is2re", "xu_kitchin")
 _SPLIT_CHOICES = ("id", "ood_ads", "ood_cat")
-_REFERENCE_CHOICES = ("none", "composition", "adsorbate")
+_REFERENCE_CHOICES = ("none", "composition", "adsorbate", "adsorbate_surface")
 _SPLIT_LIMIT = {"train": "n_train", "valid": "n_valid", "test": "n_test"}
 _STATS_FILE = "oc20_standardisation.json"
 _XK_FILES = ("xu_kitchin_2014_structures.json", "xu_kitchin_2014_energies.json")
@@ -266,6 +270,9 @@ class Standardisation(NamedTuple):
     ``reference = sum_z n_z element_energies[z]`` over the atoms of the system (only its adsorbate
     atoms, tag 2, when ``reference_atoms == "adsorbate"``), with ``element_energies`` aligned with
     ``elements``; empty (no reference) by default. Elements not in ``elements`` contribute 0.
+    With ``reference_atoms == "adsorbate_surface"`` the reference is instead
+    ``adsorbate_weights[adsorbate] . [1, surface descriptors]`` (:func:`adsorbate_surface_features`;
+    0 for an adsorbate without weights).
     """
 
     mean: float
@@ -274,9 +281,14 @@ class Standardisation(NamedTuple):
     level_of_theory: str
     element_energies: tuple[float, ...] = ()
     reference_atoms: str = "all"
+    adsorbate_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def reference(self, system: System) -> float:
         """The reference energy (eV) of ``system``; 0 without a reference."""
+        if self.adsorbate_weights:
+            weights = dict(self.adsorbate_weights).get(system.adsorbate)
+            return 0.0 if weights is None else float(
+                np.dot(weights, np.concatenate([[1.0], surface_descriptors(system)])))
         if not self.element_energies:
             return 0.0
         energy = dict(zip(self.elements, self.element_energies))
@@ -287,7 +299,8 @@ class Standardisation(NamedTuple):
         return {"mean": self.mean, "std": self.std, "elements": list(self.elements),
                 "level_of_theory": self.level_of_theory,
                 "element_energies": list(self.element_energies),
-                "reference_atoms": self.reference_atoms}
+                "reference_atoms": self.reference_atoms,
+                "adsorbate_weights": {a: list(w) for a, w in self.adsorbate_weights}}
 
 
 def check_adsorbate_atoms(cfg: Mapping[str, Any], systems: Sequence[System],
@@ -462,6 +475,40 @@ def element_descriptors() -> np.ndarray:
     reference = table[1:87]
     table[1:] = (table[1:] - reference.mean(axis=0)) / reference.std(axis=0)
     return table.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _descriptor_table() -> np.ndarray:
+    return element_descriptors().astype(np.float64)
+
+
+def surface_descriptors(system: System) -> np.ndarray:
+    """``[3]`` the mean :func:`element_descriptors` of the system's surface atoms (tag 1), or of
+    all its slab atoms (tag != 2) when none is tagged 1: what the adsorbate binds to. A system
+    without slab atoms gets zeros, the mean element's descriptors."""
+    tags = np.asarray(system.tags)
+    numbers = np.asarray(system.atomic_numbers)
+    surface = numbers[tags == 1] if np.any(tags == 1) else numbers[tags != 2]
+    table = _descriptor_table()
+    return table[surface].mean(axis=0) if surface.size else np.zeros(table.shape[1])
+
+
+def adsorbate_surface_features(systems: Sequence[System], adsorbates: Sequence[str]) -> np.ndarray:
+    """``[M, A * 4]``: in the block of the system's adsorbate, ``[1, surface descriptors]``
+    (:func:`surface_descriptors`); all zero for an adsorbate not in ``adsorbates``.
+
+    A ridge fit on these is one linear model of the surface's period, group and radius per
+    adsorbate: the simplest model that can place a metal never seen in training.
+    """
+    index = {a: k for k, a in enumerate(adsorbates)}
+    width = 1 + _descriptor_table().shape[1]
+    out = np.zeros((len(systems), len(adsorbates) * width))
+    for m, system in enumerate(systems):
+        k = index.get(system.adsorbate)
+        if k is not None:
+            out[m, k * width:(k + 1) * width] = np.concatenate(
+                [[1.0], surface_descriptors(system)])
+    return out
 
 
 def make_model(config: Any) -> hk.TransformedWithState:
@@ -878,6 +925,27 @@ class AdsorbateCompositionBaseline(CompositionBaseline):
         return self
 
 
+class AdsorbateSurfaceBaseline:
+    """Ridge regression on :func:`adsorbate_surface_features`: per adsorbate, a linear function of
+    the surface atoms' element descriptors (with an unpenalised intercept, the prediction for an
+    adsorbate not seen in training)."""
+
+    def __init__(self, alpha: float):
+        self.alpha = float(alpha)
+        self.adsorbates: List[str] = []
+        self.weights = np.zeros(0)
+        self.bias = 0.0
+
+    def fit(self, systems: Sequence[System]) -> "AdsorbateSurfaceBaseline":
+        self.adsorbates = sorted({s.adsorbate for s in systems})
+        self.weights, self.bias = ridge_fit(adsorbate_surface_features(systems, self.adsorbates),
+                                            np.asarray([s.energy for s in systems]), self.alpha)
+        return self
+
+    def predict(self, systems: Sequence[System]) -> np.ndarray:
+        return adsorbate_surface_features(systems, self.adsorbates) @ self.weights + self.bias
+
+
 def adsorbate_mean_baseline(train: Sequence[System], test: Sequence[System]) -> np.ndarray:
     """Predicts each test system's energy as the training mean of its adsorbate (global mean for
     an adsorbate not in training). Returns ``[len(test)]``."""
@@ -896,14 +964,17 @@ def baseline_predictions(cfg: Mapping[str, Any], train: Sequence[System],
 
     Returns:
         ``{baseline: {split: [S] energies (eV)}}`` for "composition_ridge",
-        "adsorbate_composition_ridge", "adsorbate_mean" and "train_mean".
+        "adsorbate_composition_ridge", "adsorbate_surface_ridge", "adsorbate_mean" and
+        "train_mean".
     """
     composition = CompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
     adsorbate_composition = AdsorbateCompositionBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
+    adsorbate_surface = AdsorbateSurfaceBaseline(cfg["baseline"]["ridge_alpha"]).fit(train)
     mean = float(np.mean([s.energy for s in train]))
     predictors = {
         "composition_ridge": composition.predict,
         "adsorbate_composition_ridge": adsorbate_composition.predict,
+        "adsorbate_surface_ridge": adsorbate_surface.predict,
         "adsorbate_mean": functools.partial(adsorbate_mean_baseline, train),
         "train_mean": lambda systems: np.full(len(systems), mean),
     }
@@ -960,13 +1031,25 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
         reference: ``"none"``, or ``"composition"``: first subtract per-element energies fitted
             by ridge regression (``ridge_alpha``) of the training energies on the element counts;
             mean and std are then those of the residuals; ``"adsorbate"``: the same on the counts
-            of the adsorbate atoms (tag 2) only.
+            of the adsorbate atoms (tag 2) only; ``"adsorbate_surface"``: per adsorbate, a linear
+            function of the surface descriptors (:func:`adsorbate_surface_features`).
         ridge_alpha: the ridge penalty of the reference fit.
     """
     if reference not in _REFERENCE_CHOICES:
         raise ValueError(f"reference must be one of {_REFERENCE_CHOICES}, got {reference!r}")
     energies = np.asarray([s.energy for s in train], np.float64)
     elements = tuple(sorted({int(z) for s in train for z in s.atomic_numbers}))
+    if reference == "adsorbate_surface":
+        adsorbates = sorted({s.adsorbate for s in train})
+        features = adsorbate_surface_features(train, adsorbates)
+        # The intercept is left to the mean below, as for "composition".
+        weights, _ = ridge_fit(features, energies, ridge_alpha)
+        block = weights.reshape(len(adsorbates), -1)
+        residual = energies - features @ weights
+        return _residual_statistics(
+            residual, len(train), elements, level_of_theory, reference_atoms=reference,
+            adsorbate_weights=tuple((a, tuple(float(v) for v in w))
+                                    for a, w in zip(adsorbates, block)))
     element_energies: tuple[float, ...] = ()
     atoms = "adsorbate" if reference == "adsorbate" else "all"
     if reference != "none":
@@ -981,11 +1064,16 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
         weights, _ = ridge_fit(counts, energies, ridge_alpha, intercept=atoms == "all")
         element_energies = tuple(float(w) for w in weights)
         energies = energies - counts @ weights
-    std = float(np.std(energies))
+    return _residual_statistics(energies, len(train), elements, level_of_theory,
+                                element_energies=element_energies, reference_atoms=atoms)
+
+
+def _residual_statistics(residual: np.ndarray, count: int, elements: Tuple[int, ...],
+                         level_of_theory: str, **reference: Any) -> Standardisation:
+    std = float(np.std(residual))
     if not std > 0:
-        raise OC20DataError(f"the {len(train)} training energies are constant; cannot standardise")
-    return Standardisation(float(np.mean(energies)), std, elements, level_of_theory,
-                           element_energies, atoms)
+        raise OC20DataError(f"the {count} training energies are constant; cannot standardise")
+    return Standardisation(float(np.mean(residual)), std, elements, level_of_theory, **reference)
 
 
 def standardised_target(system: System, stats: Standardisation) -> float:
@@ -1228,7 +1316,9 @@ def _standardisation(raw: Mapping[str, Any]) -> Standardisation:
     return Standardisation(float(raw["mean"]), float(raw["std"]),
                            tuple(int(z) for z in raw["elements"]), str(raw["level_of_theory"]),
                            tuple(float(e) for e in raw.get("element_energies", ())),
-                           str(raw.get("reference_atoms", "all")))
+                           str(raw.get("reference_atoms", "all")),
+                           tuple((str(a), tuple(float(v) for v in w))
+                                 for a, w in raw.get("adsorbate_weights", {}).items()))
 
 
 def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jraph.GraphsTuple):
