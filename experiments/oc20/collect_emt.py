@@ -10,7 +10,8 @@ Each split is trained first with ``segnn train oc20_emt ... --run-dir RUNS/<spli
 
 Per split the JSON holds SEGNN's test ``mae_ev`` / ``ewt`` at the best validation epoch, the
 baselines' test MAE and EwT (ridge on composition + adsorbate one-hot, ridge on the adsorbate
-atoms' element counts, per-adsorbate mean, training mean; the strongest named), the sample
+atoms' element counts, per-adsorbate ridge on the surface's element descriptors, per-adsorbate
+mean, training mean; the strongest named), the sample
 counts, held-out groups, ``command``, ``git_revision`` and wall time of the run. Splits whose
 run has no ``results.json`` yet are listed under ``missing``. ``--variants`` names further run
 directories under RUNS (e.g. a split re-run with another option), reported under ``variants``
@@ -21,7 +22,11 @@ with the members' own figures and the baselines of the split. ``--generation`` a
 record of how the data set was generated (rate, interruptions). ``--by-group`` adds, per run
 and ensemble, each held-out group's bias, MAE and MAE after its bias for SEGNN and every
 baseline (``by_group``): on held-out adsorbates it separates the adsorbate's energy offset, which
-training cannot pin down, from the scatter over sites and catalysts.
+training cannot pin down, from the scatter over sites and catalysts. ``--recompute-baselines``
+fits every baseline of the current code again on each run's training split (the data set its
+config names) instead of reading the ones its ``results.json`` recorded, so that runs trained before
+a baseline existed are compared with it too; the recorded baselines must come out the same, which
+checks that the data set is the one the run was trained on.
 """
 
 import argparse
@@ -42,10 +47,37 @@ def _metrics(entry):
     return None if entry is None else {"mae_ev": entry["mae_ev"], "ewt": entry["ewt"]}
 
 
-def split_summary(run_dir: Path, description: str = "") -> dict:
-    """The reported numbers of one run directory (its ``results.json``)."""
+def recomputed_baselines(run_dir: Path, recorded: dict) -> dict:
+    """Every baseline of the current code, fitted on the run's training split, on its validation
+    and test splits (``{name: {split: {"mae_ev", "ewt", "count"}}}``).
+
+    Raises:
+        ValueError: a baseline the run recorded comes out different, so the data set (or the
+            split) is not the one the run was trained on.
+    """
+    from segnn_jax.tasks import oc20
+
+    cfg = oc20.validate_config(json.loads((run_dir / "config.json").read_text()))
+    splits, _ = oc20.split_systems(cfg, _systems(cfg["data"]["path"]))
+    fresh = oc20.baseline_metrics(cfg, splits["train"],
+                                  {split: splits[split] for split in ("valid", "test")})
+    for name, by_split in recorded.items():
+        for split, metrics in by_split.items():
+            if not np.isclose(fresh[name][split]["mae_ev"], metrics["mae_ev"], rtol=1e-9):
+                raise ValueError(
+                    f"{run_dir}: baseline {name} on {split} is {fresh[name][split]['mae_ev']:.6f} "
+                    f"eV now, {metrics['mae_ev']:.6f} eV when the run was trained: not the same "
+                    f"data set or split ({cfg['data']['path']})")
+    return fresh
+
+
+def split_summary(run_dir: Path, description: str = "", recompute_baselines: bool = False) -> dict:
+    """The reported numbers of one run directory (its ``results.json``), with the baselines it
+    recorded or, with ``recompute_baselines``, those of :func:`recomputed_baselines`."""
     results = json.loads((run_dir / "results.json").read_text())
     baselines = results["baselines"]
+    if recompute_baselines:
+        baselines = recomputed_baselines(run_dir, baselines)
     config = json.loads((run_dir / "config.json").read_text())
     # The strongest baseline on the test split: the one SEGNN has to beat.
     best = min(baselines, key=lambda name: baselines[name]["test"]["mae_ev"])
@@ -76,6 +108,7 @@ def split_summary(run_dir: Path, description: str = "") -> dict:
         "command": results["command"],
         "git_revision": results["git_revision"],
         "run_dir": str(run_dir),
+        "baselines_recomputed": recompute_baselines,
     }
 
 
@@ -98,12 +131,14 @@ def _evaluated(run_dirs: tuple, split: str) -> dict:
     return oc20.evaluate_ensemble(list(run_dirs), split, systems={p: _systems(p) for p in paths})
 
 
-def ensemble_summary(name: str, run_dirs: list, evaluate=None) -> dict:
+def ensemble_summary(name: str, run_dirs: list, evaluate=None,
+                     recompute_baselines: bool = False) -> dict:
     """Validation and test figures of the mean prediction of ``run_dirs`` (one split), next to
-    the members' own and the split's baselines (from the first member's ``results.json``)."""
+    the members' own and the split's baselines (those of the first member's
+    :func:`split_summary`)."""
     if evaluate is None:
         evaluate = _evaluate_ensemble
-    first = split_summary(Path(run_dirs[0]))
+    first = split_summary(Path(run_dirs[0]), recompute_baselines=recompute_baselines)
     figures = {split: evaluate(run_dirs, split) for split in ("valid", "test")}
     keys = ("mae_ev", "ewt", "count", "member_mae_ev", "member_ewt")
     test, valid = ({k: figures[split][k] for k in keys} for split in ("test", "valid"))
@@ -242,12 +277,17 @@ def main(argv=None) -> int:
     parser.add_argument("--by-group", action="store_true",
                         help="add each run's (and ensemble's) bias and MAE per held-out group "
                              "for SEGNN and the baselines (evaluates the best checkpoints)")
+    parser.add_argument("--recompute-baselines", action="store_true",
+                        help="fit every baseline again on each run's training split instead of "
+                             "reading the recorded ones (which must come out the same)")
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
+    recompute = args.recompute_baselines
     runs = {split: args.runs / f"{split}{args.suffix}" for split in SPLITS}
-    summaries = {split: split_summary(run) for split, run in runs.items()
-                 if (run / "results.json").is_file()}
-    variants = {name: split_summary(args.runs / name, description=name)
+    summaries = {split: split_summary(run, recompute_baselines=recompute)
+                 for split, run in runs.items() if (run / "results.json").is_file()}
+    variants = {name: split_summary(args.runs / name, description=name,
+                                    recompute_baselines=recompute)
                 for name in args.variants}
     if not summaries:
         print(f"no finished run under {args.runs}", file=sys.stderr)
@@ -257,7 +297,8 @@ def main(argv=None) -> int:
         name, _, members = spec.partition("=")
         if not members:
             parser.error(f"--ensembles expects NAME=RUN,RUN,..., got {spec!r}")
-        ensembles[name] = ensemble_summary(name, [args.runs / m for m in members.split(",")])
+        ensembles[name] = ensemble_summary(name, [args.runs / m for m in members.split(",")],
+                                           recompute_baselines=recompute)
         if args.by_group:
             ensembles[name]["by_group"] = group_summary(
                 [args.runs / m for m in members.split(",")])

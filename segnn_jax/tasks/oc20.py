@@ -116,6 +116,8 @@ __all__ = [
     "EWT_THRESHOLD_EV",
     "MODEL_DEFAULTS",
     "SPLITS",
+    "AdsorbateCompositionBaseline",
+    "AdsorbateSurfaceBaseline",
     "CompositionBaseline",
     "OC20DataError",
     "OC20InputError",
@@ -124,6 +126,8 @@ __all__ = [
     "XuKitchinNotFoundError",
     "adsorbate_label",
     "adsorbate_mean_baseline",
+    "adsorbate_surface_features",
+    "baseline_metrics",
     "baseline_predictions",
     "catalyst_label",
     "cross_validate",
@@ -151,6 +155,7 @@ __all__ = [
     "split_systems",
     "standardise",
     "standardised_target",
+    "surface_descriptors",
     "system_graph",
     "train",
     "validate_config",
@@ -982,8 +987,9 @@ def baseline_predictions(cfg: Mapping[str, Any], train: Sequence[System],
             for name, predict in predictors.items()}
 
 
-def _baselines(cfg: Dict[str, Any], train: Sequence[System],
-               evaluated: Mapping[str, Sequence[System]]) -> Dict[str, Dict[str, Any]]:
+def baseline_metrics(cfg: Mapping[str, Any], train: Sequence[System],
+                     evaluated: Mapping[str, Sequence[System]]) -> Dict[str, Dict[str, Any]]:
+    """``{baseline: {split: {"mae_ev", "ewt", "count"}}}`` of :func:`baseline_predictions`."""
     targets = {split: np.asarray([s.energy for s in systems])
                for split, systems in evaluated.items()}
     return {name: {split: energy_metrics(predicted, targets[split])
@@ -1166,7 +1172,8 @@ def run_is2re(config: Any, run_dir: Union[str, Path], *,
         **split_info,
         "valid": _segnn_metrics(best["val"]) if best else None,
         "test": _segnn_metrics(best["test"]) if best else None,
-        "baselines": _baselines(cfg, splits["train"], {k: splits[k] for k in ("valid", "test")}),
+        "baselines": baseline_metrics(cfg, splits["train"],
+                                      {k: splits[k] for k in ("valid", "test")}),
         "best_epoch": best["epoch"] + 1 if best else None,
         "epochs": cfg["train"]["num_epochs"],
         "n_train": len(splits["train"]),
