@@ -68,6 +68,34 @@ def test_collect_chooses_by_mean_validation_not_by_test(tmp_path, capsys):
     assert "chosen by validation: good_valid" in capsys.readouterr().out
 
 
+def test_recompute_baselines_replaces_the_recorded_ones(tmp_path, monkeypatch):
+    """--recompute-baselines: each fold's baselines come from oc20.run_baselines (fitted again on
+    the fold's training split, with the data set read once), not from its results.json."""
+    from segnn_jax.tasks import oc20
+
+    module = _load_script()
+    runs = tmp_path / "runs"
+    for test, valid in module.folds(METALS):
+        _fake_fold(runs / "r" / f"test_{test}", test, valid, 0.08, 0.1, 0.10)
+        path = runs / "r" / f"test_{test}" / "results.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), data_path="emt")))
+    loaded, refitted = [], []
+    monkeypatch.setattr(oc20, "load_systems", lambda path: (loaded.append(path) or ["s"], "EMT"))
+
+    def fake_run_baselines(run_dir, *, systems):
+        refitted.append((Path(run_dir).name, systems))
+        return {"adsorbate_surface_ridge": {"test": {"mae_ev": 0.04}, "valid": {"mae_ev": 0.05}}}
+
+    monkeypatch.setattr(oc20, "run_baselines", fake_run_baselines)
+    out = tmp_path / "lomo.json"
+    module.main(["--data", "emt", "--runs", str(runs), "--metals", *METALS, "--recipe", "r=",
+                 "--collect-only", "--recompute-baselines", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert sorted(refitted) == [(f"test_{m}", ["s"]) for m in METALS] and loaded == ["emt"]
+    assert results["best_baseline"] == "adsorbate_surface_ridge"
+    assert results["best_baseline_over_segnn"] == pytest.approx(0.04 / 0.08)
+
+
 def test_runs_only_the_missing_folds_with_the_fold_groups(tmp_path, monkeypatch):
     module = _load_script()
     runs = tmp_path / "runs"

@@ -603,29 +603,36 @@ def test_group_summary_adds_up_to_the_reported_metrics(emt_run):
             assert mae == pytest.approx(reported, rel=1e-4)
 
 
-def test_recomputed_baselines_reach_runs_trained_before_a_baseline_existed(emt_run):
-    """experiments/oc20/collect_emt.py --recompute-baselines: the current baselines, fitted again on
-    a run's training split, agree with the ones it recorded and add those it lacks; a run whose
-    recorded baseline no longer comes out the same (another data set) is refused."""
+def test_run_baselines_reach_runs_trained_before_a_baseline_existed(emt_run, tmp_path):
+    """oc20.run_baselines (collect_emt.py / leave_one_out.py --recompute-baselines): the current
+    baselines, fitted again on a run's training split, agree with the ones it recorded and add
+    those it lacks; a run whose recorded baseline no longer comes out the same is refused."""
+    import shutil
+
     from experiment_scripts import load_experiment
 
-    collect = load_experiment("oc20/collect_emt.py")
     run_dir, results = emt_run
     recorded = results["baselines"]
-    older = {name: by_split for name, by_split in recorded.items()
-             if name != "adsorbate_surface_ridge"}  # what a run of session 19 recorded
-    fresh = collect.recomputed_baselines(run_dir, older)
+    older = tmp_path / "older_run"  # a run of session 19: no adsorbate_surface_ridge recorded
+    older.mkdir()
+    shutil.copy(run_dir / "config.json", older)
+    shutil.copy(run_dir / "oc20_standardisation.json", older)
+    old_results = json.loads(json.dumps(results))  # a copy: the fixture is shared
+    del old_results["baselines"]["adsorbate_surface_ridge"]
+    (older / "results.json").write_text(json.dumps(old_results))
+    fresh = oc20.run_baselines(older)
     assert set(fresh) == set(recorded)
     for name, by_split in recorded.items():
         for split, metrics in by_split.items():
             assert fresh[name][split]["mae_ev"] == pytest.approx(metrics["mae_ev"], rel=1e-9)
-    summary = collect.split_summary(run_dir, recompute_baselines=True)
+    summary = load_experiment("oc20/collect_emt.py").split_summary(older,
+                                                                   recompute_baselines=True)
     assert summary["baselines_recomputed"]
     assert "adsorbate_surface_ridge" in summary["baselines_test"]
-    tampered = {"composition_ridge": {"test": {"mae_ev": recorded["composition_ridge"]["test"][
-        "mae_ev"] + 0.01}}}
+    old_results["baselines"]["composition_ridge"]["test"] = {"mae_ev": 1.0}
+    (older / "results.json").write_text(json.dumps(old_results))
     with pytest.raises(ValueError, match="not the same data set"):
-        collect.recomputed_baselines(run_dir, tampered)
+        oc20.run_baselines(older)
 
 
 def test_ood_split_on_emt_labels(emt_dir):

@@ -47,37 +47,17 @@ def _metrics(entry):
     return None if entry is None else {"mae_ev": entry["mae_ev"], "ewt": entry["ewt"]}
 
 
-def recomputed_baselines(run_dir: Path, recorded: dict) -> dict:
-    """Every baseline of the current code, fitted on the run's training split, on its validation
-    and test splits (``{name: {split: {"mae_ev", "ewt", "count"}}}``).
-
-    Raises:
-        ValueError: a baseline the run recorded comes out different, so the data set (or the
-            split) is not the one the run was trained on.
-    """
-    from segnn_jax.tasks import oc20
-
-    cfg = oc20.validate_config(json.loads((run_dir / "config.json").read_text()))
-    splits, _ = oc20.split_systems(cfg, _systems(cfg["data"]["path"]))
-    fresh = oc20.baseline_metrics(cfg, splits["train"],
-                                  {split: splits[split] for split in ("valid", "test")})
-    for name, by_split in recorded.items():
-        for split, metrics in by_split.items():
-            if not np.isclose(fresh[name][split]["mae_ev"], metrics["mae_ev"], rtol=1e-9):
-                raise ValueError(
-                    f"{run_dir}: baseline {name} on {split} is {fresh[name][split]['mae_ev']:.6f} "
-                    f"eV now, {metrics['mae_ev']:.6f} eV when the run was trained: not the same "
-                    f"data set or split ({cfg['data']['path']})")
-    return fresh
-
-
 def split_summary(run_dir: Path, description: str = "", recompute_baselines: bool = False) -> dict:
     """The reported numbers of one run directory (its ``results.json``), with the baselines it
-    recorded or, with ``recompute_baselines``, those of :func:`recomputed_baselines`."""
+    recorded or, with ``recompute_baselines``, those of
+    :func:`segnn_jax.tasks.oc20.run_baselines`."""
     results = json.loads((run_dir / "results.json").read_text())
     baselines = results["baselines"]
     if recompute_baselines:
-        baselines = recomputed_baselines(run_dir, baselines)
+        from segnn_jax.tasks import oc20
+
+        config = json.loads((run_dir / "config.json").read_text())
+        baselines = oc20.run_baselines(run_dir, systems=_systems(config["data"]["path"]))
     config = json.loads((run_dir / "config.json").read_text())
     # The strongest baseline on the test split: the one SEGNN has to beat.
     best = min(baselines, key=lambda name: baselines[name]["test"]["mae_ev"])

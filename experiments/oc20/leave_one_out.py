@@ -21,10 +21,13 @@ reported next to the baselines' (fitted per fold on the same training groups)::
 Runs go to ``RUNS/<recipe>/test_<group>`` through ``segnn train`` (one process per fold); a fold
 whose run directory already holds ``results.json`` is not run again and an interrupted one resumes
 from its checkpoint, so the command can be repeated until every fold is done. ``--collect-only``
-writes the JSON from the finished folds without training.
+writes the JSON from the finished folds without training. ``--recompute-baselines`` fits every
+baseline of the current code again on each fold's training split
+(:func:`segnn_jax.tasks.oc20.run_baselines`) instead of reading those the fold's run recorded.
 """
 
 import argparse
+import functools
 import json
 import shlex
 import subprocess
@@ -73,10 +76,15 @@ def run_missing(config: str, data: Path, runs: Path, recipes: Dict[str, List[str
                 subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def fold_summary(run_dir: Path) -> dict:
-    """Test and validation figures of one fold, with its baselines."""
+def fold_summary(run_dir: Path, recompute_baselines: bool = False) -> dict:
+    """Test and validation figures of one fold, with its baselines (as recorded, or fitted again
+    with the current code)."""
     results = json.loads((run_dir / "results.json").read_text())
     baselines = results["baselines"]
+    if recompute_baselines:
+        from segnn_jax.tasks import oc20
+
+        baselines = oc20.run_baselines(run_dir, systems=_systems(results["data_path"]))
     return {
         "held_out": results["groups"],
         "test": {"mae_ev": results["test"]["mae_ev"], "ewt": results["test"]["ewt"]},
@@ -90,14 +98,22 @@ def fold_summary(run_dir: Path) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)  # every fold reads the same data set
+def _systems(path: str):
+    from segnn_jax.tasks import oc20
+
+    return oc20.load_systems(path)[0]
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
 def recipe_summary(runs: Path, name: str, overrides: Sequence[str],
-                   groups: Sequence[str]) -> dict:
+                   groups: Sequence[str], recompute_baselines: bool = False) -> dict:
     """Per-fold figures and their means over the finished folds of one recipe."""
-    per_fold = {test: fold_summary(runs / name / f"test_{test}") for test, _ in folds(groups)
+    per_fold = {test: fold_summary(runs / name / f"test_{test}", recompute_baselines)
+                for test, _ in folds(groups)
                 if (runs / name / f"test_{test}" / "results.json").is_file()}
     out = {"overrides": list(overrides), "folds": per_fold,
            "missing_folds": [g for g in groups if g not in per_fold]}
@@ -119,9 +135,11 @@ def recipe_summary(runs: Path, name: str, overrides: Sequence[str],
     return out
 
 
-def summarise(runs: Path, recipes: Dict[str, List[str]], groups: Sequence[str]) -> dict:
+def summarise(runs: Path, recipes: Dict[str, List[str]], groups: Sequence[str],
+              recompute_baselines: bool = False) -> dict:
     """Every recipe's summary and the recipe chosen by mean validation MAE over complete recipes."""
-    summaries = {name: recipe_summary(runs, name, o, groups) for name, o in recipes.items()}
+    summaries = {name: recipe_summary(runs, name, o, groups, recompute_baselines)
+                 for name, o in recipes.items()}
     complete = {n: s for n, s in summaries.items() if not s["missing_folds"]}
     chosen = min(complete, key=lambda n: complete[n]["mean_valid_mae_ev"]) if complete else None
     out = {"recipes": summaries, "chosen_by_validation": chosen}
@@ -178,6 +196,9 @@ def main(argv=None) -> int:
                         help="results file (default: benchmarks/results/oc20_emt_lomo.json, "
                              "or oc20_emt_loao.json for ood_ads)")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--recompute-baselines", action="store_true",
+                        help="fit every baseline again on each fold's training split instead of "
+                             "reading the recorded ones (which must come out the same)")
     parser.add_argument("--note", default="")
     invocation = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(invocation)
@@ -187,7 +208,7 @@ def main(argv=None) -> int:
         "oc20_emt_lomo.json" if args.split == "ood_cat" else "oc20_emt_loao.json")
     if not args.collect_only:
         run_missing(args.config, args.data, args.runs, recipes, groups, args.split)
-    summary = summarise(args.runs, recipes, groups)
+    summary = summarise(args.runs, recipes, groups, args.recompute_baselines)
     results = {
         "task": TASKS[args.split],
         "level_of_theory": "EMT (ASE effective medium theory; NOT DFT)",

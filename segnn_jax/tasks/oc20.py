@@ -150,6 +150,7 @@ __all__ = [
     "read_structures",
     "restore_params",
     "ridge_fit",
+    "run_baselines",
     "run_is2re",
     "split_predictions",
     "split_systems",
@@ -1332,6 +1333,37 @@ def restore_params(cfg: Dict[str, Any], run_dir: Union[str, Path], example: jrap
     """``(params, model_state, step)`` of the best-by-validation checkpoint of a run (EMA
     parameters when the run evaluated with them)."""
     return training.restore_best_params(make_model(cfg).init, cfg["train"], run_dir, example)
+
+
+def run_baselines(run_dir: Union[str, Path], *, systems: Optional[Sequence[System]] = None
+                  ) -> Dict[str, Dict[str, Any]]:
+    """Every current baseline (:func:`baseline_metrics`) fitted again on a finished run's training
+    split, on its validation and test splits: runs trained before a baseline existed can then be
+    compared with it.
+
+    Args:
+        run_dir: a run directory with ``config.json`` and ``results.json``.
+        systems: the run's data set (default: read from the path its config names).
+
+    Raises:
+        ValueError: a baseline the run recorded comes out different, so the data set (or the
+            split) is not the one the run was trained on.
+    """
+    cfg, _ = _read_run(Path(run_dir))
+    recorded = json.loads((Path(run_dir) / "results.json").read_text())["baselines"]
+    if systems is None:
+        systems = load_systems(_data_path(cfg))[0]
+    splits, _ = split_systems(cfg, systems)
+    fresh = baseline_metrics(cfg, splits["train"], {k: splits[k] for k in ("valid", "test")})
+    for name, by_split in recorded.items():
+        for split, metrics in by_split.items():
+            now = fresh[name][split]["mae_ev"]
+            if not np.isclose(now, metrics["mae_ev"], rtol=1e-9):
+                raise ValueError(
+                    f"{run_dir}: baseline {name} on {split} is {now:.6f} eV now, "
+                    f"{metrics['mae_ev']:.6f} eV when the run was trained: not the same data set "
+                    f"or split ({cfg['data']['path']})")
+    return fresh
 
 
 def evaluate(run_dir: Union[str, Path], split: str = "test") -> Dict[str, Any]:
