@@ -138,6 +138,70 @@ def test_equivariance_end_to_end_from_raw_simulation_input(config, splits, initi
         assert relative_displacement > 0.05, "the reference's centring should break equivariance"
 
 
+def _dense_forces(positions, strength, law):
+    """``[N, 3]`` forces of one system by the double loop, ``law(d, r2) -> scale of d``."""
+    out = np.zeros_like(positions, dtype=np.float64)
+    for i in range(len(positions)):
+        for j in range(len(positions)):
+            if i != j:
+                d = positions[j].astype(np.float64) - positions[i]
+                out[i] += strength[i] * strength[j] * law(d, d @ d) * d
+    return out
+
+
+def test_input_forces_follow_the_simulators_force_laws(splits):
+    data = splits["test"]
+    n = data.positions.size // 3
+    forces = np.asarray(nbody.input_forces(_batch(data), "charged"))
+    expected = np.concatenate([_dense_forces(x, q, lambda d, r2: -r2 ** -1.5)
+                               for x, q in zip(data.positions, data.charges)])
+    np.testing.assert_allclose(forces[:n], expected, rtol=1e-4, atol=1e-5)
+    assert np.all(forces[n:] == 0)  # padding nodes receive only padding edges
+    # Gravity with the simulator's softening, on k = 4 of 5 bodies (every other body).
+    masses = np.random.RandomState(0).uniform(0.5, 2.0, data.charges.shape).astype(np.float32)
+    heavy = data._replace(charges=None, masses=masses, name="gravity")
+    graph = batch_graphs(nbody_data.nbody_graphs(heavy, k=4))
+    forces = np.asarray(nbody.input_forces(graph, "gravity"))
+    eps2 = nbody_data.GRAVITY.softening ** 2
+    expected = np.concatenate([_dense_forces(x, m, lambda d, r2: (r2 + eps2) ** -1.5)
+                               for x, m in zip(heavy.positions, masses)])
+    np.testing.assert_allclose(forces, expected, rtol=1e-4, atol=1e-5)
+    # Coincident bodies (and padding edges between padding nodes) give finite values.
+    stacked = data._replace(positions=np.zeros_like(data.positions))
+    assert np.all(np.isfinite(np.asarray(nbody.input_forces(_batch(stacked), "charged"))))
+
+
+def test_force_input_is_equivariant_end_to_end(config, splits, keys):
+    """With ``data.force_input`` the inputs carry the squashed force (1o) and its size (0e) and
+    the attributes its harmonics; the prediction stays E(3)-equivariant from raw input."""
+    cfg = nbody.validate_config(config)
+    cfg["data"].update(force_input=True, predict_from="constant_velocity")
+    data = splits["test"]
+    batch = _batch(data)
+    forces = nbody.input_forces(batch, "charged")
+    st = nbody.featurize(batch, lmax_attr=1, forces=forces)
+    assert st.node_features.irreps == e3nn.Irreps("3x1o+2x0e")
+    n = data.positions.size // 3
+    size = np.linalg.norm(np.asarray(forces)[:n], axis=1)
+    np.testing.assert_allclose(np.asarray(st.node_features.filter("0e").array)[:n, 1],
+                               np.log1p(size), rtol=1e-5)
+    for block in (st.node_features, st.node_attributes):  # padding rows (zero force) too
+        assert np.all(np.isfinite(np.asarray(block.array)))
+    model = nbody.make_model(cfg)
+    params, state = jax.jit(model.init)(jax.random.PRNGKey(2), batch)
+    params = jax.tree.map(lambda w: w * 3.0, params)  # a non-trivial output
+    predict = _predictor(model, params, state)
+    rotation = _random_orthogonal(next(keys))
+    translation = np.array([-1.5, 2.0, 0.5])
+    permutation = np.array([2, 4, 0, 1, 3])
+    moved_data = _transformed(data, rotation, translation, permutation)
+    expected = (predict(data) @ rotation.T + translation)[:, permutation]
+    moved = predict(moved_data)
+    guess = moved_data.positions + moved_data.velocities  # the constant-velocity origin
+    relative = np.max(np.abs(moved - expected)) / np.max(np.abs(expected - guess))
+    assert relative < 1e-3, relative
+
+
 def test_centre_of_mass_frame_features_are_boost_invariant(splits):
     data = splits["train"]
     st = jax.jit(lambda g: nbody.featurize(g, lmax_attr=1, velocity_frame="centre_of_mass"))(
@@ -297,6 +361,7 @@ def test_loaders_cover_every_system_once_with_a_bounded_number_of_shapes(config,
     ("data", "centering", "per_particle", "config.data.centering"),
     ("data", "target_frame", 20, "config.data.target_frame"),
     ("data", "predict_from", "velocity", "config.data.predict_from"),
+    ("data", "force_input", "yes", "config.data.force_input"),
     ("data", "train_input_frames", [30, 39], "config.data.train_input_frames"),
     ("data", "train_input_frames", [], "config.data.train_input_frames"),
     ("data", "train_input_frames", [28, 28], "config.data.train_input_frames"),

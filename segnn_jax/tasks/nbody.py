@@ -22,6 +22,13 @@ Pipeline (SEGNN.md section 2.7, with the graph centroid instead of the reference
   ``h V`` (included in ``p_i + h v_i`` with ``predict_from="constant_velocity"``). The forces of
   both systems depend on relative positions only, so a boost of every velocity by ``u`` moves the
   target by ``h u``; in this frame the model has that symmetry exactly instead of learning it.
+* ``force_input=True`` (beyond the reference): the force on each body at the input frame, from the
+  simulator's force law summed over the graph's edges (:func:`input_forces`; every other body for
+  the fully connected charged graphs, the k nearest for gravity), joins the inputs as a vector
+  ``f_i (1o)`` and its size ``|f_i| (0e)``, both squashed by ``log(1 + |F|)`` because close
+  encounters reach forces of 10^4, and the attributes as ``Y(F_i)``: SEGNN's "physical quantity"
+  attribute, computed from the same inputs (positions and charges or masses), so it adds
+  knowledge of the force law but no data.
 
 The loss is the MSE over all elements (systems x bodies x coordinates), the formula of the trivial
 baselines of :func:`segnn_jax.datasets.nbody.trivial_baselines`: ``loss_fn`` returns the sum of
@@ -79,6 +86,7 @@ __all__ = [
     "check_same_evaluation_data",
     "evaluate",
     "featurize",
+    "input_forces",
     "horizon",
     "load_splits",
     "make_loaders",
@@ -120,6 +128,7 @@ DATA_DEFAULTS: Dict[str, Any] = {
     "centering": "centroid",
     "predict_from": "input_position",
     "velocity_frame": "lab",
+    "force_input": False,
 }
 
 BATCH_DEFAULTS: Dict[str, Any] = {
@@ -189,6 +198,9 @@ def validate_config(config: Any) -> Dict[str, Any]:
     if data["velocity_frame"] not in VELOCITY_FRAMES:
         raise ConfigError(f"config.data.velocity_frame: expected one of {VELOCITY_FRAMES}, "
                           f"got {data['velocity_frame']!r}")
+    if not isinstance(data["force_input"], bool):
+        raise ConfigError(f"config.data.force_input: expected true or false, "
+                          f"got {data['force_input']!r}")
     if data["data_dir"] is not None and not isinstance(data["data_dir"], str):
         raise ConfigError(f"config.data.data_dir: expected a path or None, "
                           f"got {data['data_dir']!r}")
@@ -253,8 +265,34 @@ def centre_of_mass_velocity(graph: jraph.GraphsTuple) -> jnp.ndarray:
     return _graph_mean(graph, graph.nodes["velocities"], graph.nodes.get("masses"))
 
 
+def input_forces(graph: jraph.GraphsTuple, dataset: str) -> jnp.ndarray:
+    """``[N, 3]``: each body's force at the input frame, summed over its incoming edges.
+
+    Charged: ``F_i = sum_j q_i q_j (x_i - x_j) / |x_i - x_j|^3`` (without the simulator's
+    per-component clipping, which is not rotation-equivariant). Gravity:
+    ``F_i = sum_j m_i m_j (x_j - x_i) / (|x_j - x_i|^2 + eps^2)^1.5`` with the simulator's
+    softening ``eps``. Padding edges contribute nothing; coincident bodies give a finite
+    (huge) force instead of inf.
+    """
+    vectors = edge_vectors(graph)  # [E, 3] x_j - x_i, j the sender, i the receiver
+    squared = jnp.sum(vectors * vectors, axis=-1)
+    if dataset == "charged":
+        strength = -pair_products(graph.nodes["charges"], graph)
+        denominator = jnp.maximum(squared, 1e-12) ** 1.5
+    elif dataset == "gravity":
+        strength = pair_products(graph.nodes["masses"], graph)
+        denominator = (squared + nbody_data.GRAVITY.softening ** 2) ** 1.5
+    else:
+        raise ValueError(f"dataset must be 'charged' or 'gravity', got {dataset!r}")
+    per_edge = jnp.where(edge_mask(graph)[:, None],
+                         strength[:, None] * vectors / denominator[:, None], 0.0)
+    return jax.ops.segment_sum(per_edge, graph.receivers,
+                               num_segments=graph.nodes["positions"].shape[0])
+
+
 def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int, centering: str = "centroid",
-              velocity_frame: str = "lab") -> SteerableGraphsTuple:
+              velocity_frame: str = "lab", forces: Optional[jnp.ndarray] = None
+              ) -> SteerableGraphsTuple:
     """The steerable inputs of an N-body graph (pure, jit-able, padding-safe).
 
     Args:
@@ -265,10 +303,13 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int, centering: str = "cen
             which breaks rotation and translation equivariance; for comparison only).
         velocity_frame: "lab" (the velocities as given) or "centre_of_mass" (relative to the
             graph's centre-of-mass velocity).
+        forces: ``[N, 3]`` physical forces (:func:`input_forces`) to add to the inputs and the
+            attributes, or None.
 
     Returns:
-        Node features ``[N, 2x1o+1x0e]``, node and edge attributes ``[N or E, sh(lmax_attr)]``,
-        extra message features ``[E, 2x0e]``.
+        Node features ``[N, 2x1o+1x0e]`` (``[N, 3x1o+2x0e]`` with forces, the force after the
+        velocity in each), node and edge attributes ``[N or E, sh(lmax_attr)]``, extra message
+        features ``[E, 2x0e]``.
     """
     # Host (NumPy) batches are accepted too, e.g. by Haiku's init.
     graph = jax.tree.map(jnp.asarray, graph)
@@ -279,17 +320,23 @@ def featurize(graph: jraph.GraphsTuple, *, lmax_attr: int, centering: str = "cen
         raise ValueError(f"velocity_frame must be one of {VELOCITY_FRAMES}, got {velocity_frame!r}")
     n_nodes = velocities.shape[0]
     centred = _centred_positions(graph, centering)
-    # Concatenating IrrepsArrays keeps each block's layout; simplify() then merges 1o+1o into 2x1o
-    # without moving data (the two vectors are the two copies of 1o).
-    features = e3nn.concatenate([
-        e3nn.IrrepsArray("1x1o", centred),
-        e3nn.IrrepsArray("1x1o", velocities),
-        e3nn.IrrepsArray("1x0e", safe_norm(velocities, keepdims=True)),
-    ]).simplify()
+    # Concatenating IrrepsArrays keeps each block's layout; simplify() then merges the vectors'
+    # 1o+1o(+1o) into one block without moving data (each vector is one copy of 1o).
+    vectors_in = [centred, velocities]
+    scalars_in = [safe_norm(velocities, keepdims=True)]
+    physical = [velocities]
+    if forces is not None:
+        size = safe_norm(forces, keepdims=True)
+        squashed = jnp.log1p(size)
+        vectors_in.append(forces * squashed / jnp.maximum(size, 1e-9))
+        scalars_in.append(squashed)
+        physical.append(forces)  # the attribute's harmonics see only the direction
+    features = e3nn.concatenate([e3nn.IrrepsArray("1x1o", v) for v in vectors_in]
+                                + [e3nn.IrrepsArray("1x0e", s) for s in scalars_in]).simplify()
     vectors = edge_vectors(graph)  # [E, 3] x_j - x_i
     edge_attr = edge_attributes(vectors, lmax_attr, normalization="integral")
     node_attr = node_attributes(edge_attr, graph.receivers, n_nodes, edge_mask=edge_mask(graph),
-                                physical_vectors=[velocities], normalization="integral")
+                                physical_vectors=physical, normalization="integral")
     scalar = graph.nodes["charges"] if "charges" in graph.nodes else graph.nodes["masses"]
     extra = e3nn.IrrepsArray("2x0e", jnp.stack(
         [safe_norm(vectors), pair_products(scalar, graph)], axis=-1).astype(vectors.dtype))
@@ -326,9 +373,13 @@ def make_model(config: Any) -> hk.TransformedWithState:
     constant_velocity = data["predict_from"] == "constant_velocity"
     drift = horizon(cfg) if constant_velocity or frame == "centre_of_mass" else 0.0
 
+    dataset = data["dataset"] if data["force_input"] else None
+
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
+        graph = jax.tree.map(jnp.asarray, graph)  # host batches too (e.g. Haiku's init)
+        forces = input_forces(graph, dataset) if dataset else None
         st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering,
-                             velocity_frame=frame)
+                             velocity_frame=frame, forces=forces)
         displacement = factory()(st_graph, is_training)  # [N, 1x1o]
         origin = graph.nodes["positions"]
         if drift:
