@@ -633,6 +633,10 @@ def test_run_baselines_reach_runs_trained_before_a_baseline_existed(emt_run, tmp
     (older / "results.json").write_text(json.dumps(old_results))
     with pytest.raises(ValueError, match="not the same data set"):
         oc20.run_baselines(older)
+    old_results["baselines"] = {"retired_baseline": recorded["composition_ridge"]}
+    (older / "results.json").write_text(json.dumps(old_results))
+    with pytest.raises(ValueError, match="'retired_baseline' that the current code does not"):
+        oc20.run_baselines(older)
 
 
 def test_ood_split_on_emt_labels(emt_dir):

@@ -52,13 +52,12 @@ def split_summary(run_dir: Path, description: str = "", recompute_baselines: boo
     recorded or, with ``recompute_baselines``, those of
     :func:`segnn_jax.tasks.oc20.run_baselines`."""
     results = json.loads((run_dir / "results.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     baselines = results["baselines"]
     if recompute_baselines:
         from segnn_jax.tasks import oc20
 
-        config = json.loads((run_dir / "config.json").read_text())
         baselines = oc20.run_baselines(run_dir, systems=_systems(config["data"]["path"]))
-    config = json.loads((run_dir / "config.json").read_text())
     # The strongest baseline on the test split: the one SEGNN has to beat.
     best = min(baselines, key=lambda name: baselines[name]["test"]["mae_ev"])
     return {

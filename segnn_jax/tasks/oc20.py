@@ -1356,6 +1356,9 @@ def run_baselines(run_dir: Union[str, Path], *, systems: Optional[Sequence[Syste
     splits, _ = split_systems(cfg, systems)
     fresh = baseline_metrics(cfg, splits["train"], {k: splits[k] for k in ("valid", "test")})
     for name, by_split in recorded.items():
+        if name not in fresh:
+            raise ValueError(f"{run_dir}: the run recorded a baseline {name!r} that the current "
+                             f"code does not have ({', '.join(fresh)})")
         for split, metrics in by_split.items():
             now = fresh[name][split]["mae_ev"]
             if not np.isclose(now, metrics["mae_ev"], rtol=1e-9):
