@@ -25,10 +25,10 @@ Pipeline (SEGNN.md section 2.7, with the graph centroid instead of the reference
 * ``force_input=True`` (beyond the reference): the force on each body at the input frame, from the
   simulator's force law summed over the graph's edges (:func:`input_forces`; every other body for
   the fully connected charged graphs, the k nearest for gravity), joins the inputs as a vector
-  ``f_i (1o)`` and its size ``|f_i| (0e)``, both squashed by ``log(1 + |F|)`` because close
-  encounters reach forces of 10^4, and the attributes as ``Y(F_i)``: SEGNN's "physical quantity"
-  attribute, computed from the same inputs (positions and charges or masses), so it adds
-  knowledge of the force law but no data.
+  (1o) and its size (0e), both squashed by ``log(1 + |F_i|)`` because close encounters reach
+  forces of 10^3 where the median is 0.2 (charged training set), and the attributes as
+  ``Y(F_i)``: SEGNN's "physical quantity" attribute, computed from the same inputs (positions
+  and charges or masses), so it adds knowledge of the force law but no data.
 
 The loss is the MSE over all elements (systems x bodies x coordinates), the formula of the trivial
 baselines of :func:`segnn_jax.datasets.nbody.trivial_baselines`: ``loss_fn`` returns the sum of
