@@ -376,7 +376,6 @@ def make_model(config: Any) -> hk.TransformedWithState:
     dataset = data["dataset"] if data["force_input"] else None
 
     def forward(graph: jraph.GraphsTuple, is_training: bool = False) -> jnp.ndarray:
-        graph = jax.tree.map(jnp.asarray, graph)  # host batches too (e.g. Haiku's init)
         forces = input_forces(graph, dataset) if dataset else None
         st_graph = featurize(graph, lmax_attr=lmax_attr, centering=centering,
                              velocity_frame=frame, forces=forces)

@@ -931,25 +931,15 @@ class AdsorbateCompositionBaseline(CompositionBaseline):
         return self
 
 
-class AdsorbateSurfaceBaseline:
+class AdsorbateSurfaceBaseline(CompositionBaseline):
     """Ridge regression on :func:`adsorbate_surface_features`: per adsorbate, a linear function of
     the surface atoms' element descriptors (with an unpenalised intercept, the prediction for an
-    adsorbate not seen in training)."""
+    adsorbate not seen in training). Fitted as :class:`CompositionBaseline`, whose element counts
+    it does not use."""
 
-    def __init__(self, alpha: float):
-        self.alpha = float(alpha)
-        self.adsorbates: List[str] = []
-        self.weights = np.zeros(0)
-        self.bias = 0.0
-
-    def fit(self, systems: Sequence[System]) -> "AdsorbateSurfaceBaseline":
-        self.adsorbates = sorted({s.adsorbate for s in systems})
-        self.weights, self.bias = ridge_fit(adsorbate_surface_features(systems, self.adsorbates),
-                                            np.asarray([s.energy for s in systems]), self.alpha)
-        return self
-
-    def predict(self, systems: Sequence[System]) -> np.ndarray:
-        return adsorbate_surface_features(systems, self.adsorbates) @ self.weights + self.bias
+    def features(self, systems: Sequence[System]) -> np.ndarray:
+        """``[M, n_adsorbates * 4]`` float64."""
+        return adsorbate_surface_features(systems, self.adsorbates)
 
 
 def adsorbate_mean_baseline(train: Sequence[System], test: Sequence[System]) -> np.ndarray:
@@ -1047,16 +1037,14 @@ def standardise(train: Sequence[System], level_of_theory: str, reference: str = 
     energies = np.asarray([s.energy for s in train], np.float64)
     elements = tuple(sorted({int(z) for s in train for z in s.atomic_numbers}))
     if reference == "adsorbate_surface":
-        adsorbates = sorted({s.adsorbate for s in train})
-        features = adsorbate_surface_features(train, adsorbates)
+        model = AdsorbateSurfaceBaseline(ridge_alpha).fit(train)
         # The intercept is left to the mean below, as for "composition".
-        weights, _ = ridge_fit(features, energies, ridge_alpha)
-        block = weights.reshape(len(adsorbates), -1)
-        residual = energies - features @ weights
+        residual = energies - model.features(train) @ model.weights
+        block = model.weights.reshape(len(model.adsorbates), -1)
         return _residual_statistics(
             residual, len(train), elements, level_of_theory, reference_atoms=reference,
             adsorbate_weights=tuple((a, tuple(float(v) for v in w))
-                                    for a, w in zip(adsorbates, block)))
+                                    for a, w in zip(model.adsorbates, block)))
     element_energies: tuple[float, ...] = ()
     atoms = "adsorbate" if reference == "adsorbate" else "all"
     if reference != "none":
